@@ -1,0 +1,145 @@
+"""Attention of every V4 layer kind (architecture.md 2.4): swa, csa and hca.
+
+Low-rank query with a per-head unweighted RMSNorm, one shared K=V latent, partial interleaved RoPE,
+a sliding window of `sliding_window` tokens (itself included) on every layer, plus compressed
+entries: top-k picked by the indexer (csa) or all visible ones (hca). Window and compressed keys
+compete in one softmax whose denominator also holds a per-head sink. The output's rope dims are
+de-rotated at the query position, then projected by the grouped low-rank wo_a / wo_b.
+Attention reads keys through index lists (gather), never a dense mask over the whole context.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.model.compressor import Compressor
+from dsv4.model.indexer import Indexer
+from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize
+from dsv4.model.linear import Linear
+from dsv4.model.quant import fake_quant_fp8
+from dsv4.model.sequence_cache import LayerState
+
+__all__ = ["Attention", "sparse_attention", "gather_rows"]
+
+# cap on gathered keys per query chunk (elements of [B, T, K, D]) to bound prefill memory
+_GATHER_BUDGET = 1 << 25
+
+
+def gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """kv [B, L, D], idx [B or 1, T, K] (-1 allowed) -> [B, T, K, D] (rows for -1 are junk)."""
+    b, _, d = kv.shape
+    idx = idx.expand(b, -1, -1)
+    t, k = idx.shape[1:]
+    if kv.shape[1] == 0:
+        return kv.new_zeros(b, t, k, d)
+    flat = idx.clamp_min(0).reshape(b, t * k, 1).expand(-1, -1, d)
+    return kv.gather(1, flat).view(b, t, k, d)
+
+
+def sparse_attention(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Tensor]],
+                     sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """One softmax over keys gathered from several sources, plus a value-less sink logit.
+
+    q [B, T, H, D]; each source is (kv [B, L, D], idx [B or 1, T, K]) with -1 = no key.
+    """
+    keys = torch.cat([gather_rows(kv, idx) for kv, idx in sources], dim=2)  # [B, T, K, D]
+    valid = torch.cat([(idx >= 0).expand(q.shape[0], -1, -1) for _, idx in sources], dim=2)
+    logits = torch.einsum("bthd,btkd->bthk", q.float(), keys.float()) * scale
+    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    sink = sink.float().view(1, 1, -1, 1)
+    top = torch.maximum(logits.amax(-1, keepdim=True), sink)
+    weights = (logits - top).exp()
+    weights = weights / (weights.sum(-1, keepdim=True) + (sink - top).exp())
+    return torch.einsum("bthk,btkd->bthd", weights, keys.float()).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, ratio: int) -> None:
+        super().__init__()
+        fmt = "fp8" if config.weight_dtype == "fp8" else "dense"
+        sdt = torch.float8_e8m0fnu if config.scale_fmt == "ue8m0" else torch.float32
+        self.config, self.ratio = config, ratio
+        self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.window = config.sliding_window
+        self.scale = config.head_dim**-0.5
+        self.wq_a = Linear(config.hidden_size, config.q_lora_rank, fmt, sdt)
+        self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, fmt, sdt)
+        self.wkv = Linear(config.hidden_size, self.head_dim, fmt, sdt)
+        self.kv_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        group_in = self.n_heads * self.head_dim // config.o_groups
+        self.wo_a = Linear(group_in, config.o_groups * config.o_lora_rank, fmt, sdt)
+        self.wo_b = Linear(config.o_groups * config.o_lora_rank, config.hidden_size, fmt, sdt)
+        self.attn_sink = nn.Parameter(torch.empty(self.n_heads), requires_grad=False)
+        self.rope = RotaryEmbedding(config, compressed=ratio > 0)
+        self.compressor = (Compressor(config, ratio, self.head_dim, rotate=False, rope=self.rope)
+                           if ratio else None)
+        self.indexer = Indexer(config, self.rope, fmt) if ratio == 4 else None
+        self.emulate_quant = True
+
+    def forward(self, x: torch.Tensor, start_pos: int, state: LayerState) -> torch.Tensor:
+        """x [B, T, dim] (normed) at positions start_pos.. -> [B, T, dim]; updates state."""
+        b, t, _ = x.shape
+        positions = torch.arange(start_pos, start_pos + t, device=x.device)
+        cos, sin = self.rope(positions)
+        q_lora = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_lora).unflatten(-1, (self.n_heads, self.head_dim))
+        q = rms_normalize(q, self.config.rms_norm_eps).to(x.dtype)
+        q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        if self.emulate_quant:
+            nope = self.head_dim - self.config.qk_rope_head_dim
+            kv = torch.cat([fake_quant_fp8(kv[..., :nope]), kv[..., nope:]], dim=-1)
+
+        # window keys: the last window-1 tokens before this chunk, then the chunk itself
+        win_kv = kv if state.window is None else torch.cat([state.window, kv], dim=1)
+        hist = win_kv.shape[1] - t
+        state.window = win_kv[:, win_kv.shape[1] - min(self.window - 1, win_kv.shape[1]):]
+        offs = torch.arange(self.window, device=x.device) - (self.window - 1)
+        win_idx = torch.arange(t, device=x.device).unsqueeze(1) + hist + offs  # [T, W]
+        win_idx = win_idx.masked_fill(win_idx < 0, -1).unsqueeze(0)
+
+        entries = keys = None
+        if self.compressor is not None:
+            self.compressor(x, start_pos, state.compressor)
+            entries = state.compressor.view_entries()
+            if self.indexer is not None:
+                self.indexer.update_keys(x, start_pos, state.indexer)
+                keys = state.indexer.view_entries()
+
+        n_entries = 0 if entries is None else entries.shape[1]
+        per_query = self.window + (min(n_entries, self.config.index_topk)
+                                   if self.indexer is not None else n_entries)
+        step = max(1, _GATHER_BUDGET // max(1, b * per_query * self.head_dim))
+        outs = []
+        for s in range(0, t, step):
+            e = min(t, s + step)
+            sources = [(win_kv, win_idx[:, s:e])]
+            if n_entries:
+                pos = positions[s:e]
+                if self.indexer is not None:
+                    idx = self.indexer.select(x[:, s:e], q_lora[:, s:e], pos, keys)
+                else:
+                    ids = torch.arange(n_entries, device=x.device)
+                    idx = ids.expand(e - s, -1).masked_fill(
+                        ids >= ((pos + 1) // self.ratio).unsqueeze(-1), -1).unsqueeze(0)
+                sources.append((entries, idx))
+            outs.append(sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
+        o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        o = apply_rope(o, cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
+        return self._project_out(o)
+
+    def _project_out(self, o: torch.Tensor) -> torch.Tensor:
+        g = self.config.o_groups
+        o = o.flatten(2).unflatten(-1, (g, -1))  # [B, T, G, H/G * D]
+        wo_a = self.wo_a.dense_weight(o.dtype).unflatten(0, (g, -1))  # [G, R, H/G * D]
+        z = torch.einsum("btgi,gri->btgr", o, wo_a)
+        return self.wo_b(z.flatten(2))
+
+    def set_emulate_quant(self, on: bool) -> None:
+        self.emulate_quant = on
+        for mod in (self.compressor, self.indexer, getattr(self.indexer, "compressor", None)):
+            if mod is not None:
+                mod.emulate_quant = on

@@ -1,0 +1,84 @@
+"""Compressor: gated pooling of `ratio` consecutive tokens into one KV entry (architecture.md 2.5).
+
+Ratio 4 (CSA) overlaps windows: entry w pools the first halves ("A") of window w-1's tokens and
+the second halves ("B") of window w's tokens, 8 slots, softmax per channel. Ratio 128 (HCA) pools
+its own window only. Entries are RMS-normed, get RoPE at position ratio*w, and are rounded the way
+the reference's QAT path does (FP8 nope dims for the main KV; Hadamard + FP4 for indexer keys).
+Works on any chunking: tokens of an unfinished window wait in the CompressorState.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope
+from dsv4.model.linear import Linear
+from dsv4.model.quant import fake_quant_fp4, fake_quant_fp8, hadamard
+from dsv4.model.sequence_cache import CompressorState
+
+__all__ = ["Compressor"]
+
+
+class Compressor(nn.Module):
+    def __init__(self, config: ModelConfig, ratio: int, head_dim: int, rotate: bool,
+                 rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.ratio, self.head_dim, self.rotate = ratio, head_dim, rotate
+        self.overlap = ratio == 4
+        self.rope_dim = config.qk_rope_head_dim
+        width = (1 + self.overlap) * head_dim
+        self.ape = nn.Parameter(torch.empty(ratio, width), requires_grad=False)
+        # bf16 in the checkpoint; the reference computes these projections in fp32
+        self.wkv = Linear(config.hidden_size, width)
+        self.wgate = Linear(config.hidden_size, width)
+        self.norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.rope = rope
+        self.emulate_quant = True
+
+    def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState) -> None:
+        """Consume x [B, T, dim] at positions start_pos.. and append finished entries to state."""
+        m, d = self.ratio, self.head_dim
+        xf = x.float()
+        kv = self.wkv(xf)
+        positions = torch.arange(start_pos, start_pos + x.shape[1], device=x.device)
+        score = self.wgate(xf) + self.ape[positions % m]
+        if state.pending_kv is not None and state.num_pending:
+            kv = torch.cat([state.pending_kv, kv], dim=1)
+            score = torch.cat([state.pending_score, score], dim=1)
+        first_window = (start_pos - state.num_pending) // m
+        n_win = kv.shape[1] // m
+        cut = n_win * m
+        state.pending_kv, state.pending_score = kv[:, cut:], score[:, cut:]
+        if n_win == 0:
+            return
+        kv = kv[:, :cut].unflatten(1, (n_win, m))  # [B, n_win, m, width]
+        score = score[:, :cut].unflatten(1, (n_win, m))
+        if self.overlap:
+            prev_kv, prev_score = state.prev_kv, state.prev_score
+            state.prev_kv, state.prev_score = kv[:, -1], score[:, -1]
+            kv = self._overlap(kv, prev_kv, 0.0)
+            score = self._overlap(score, prev_score, float("-inf"))
+        pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B, n_win, D]
+        entries = self.norm(pooled.to(x.dtype))
+        pos = (first_window + torch.arange(n_win, device=x.device)) * m
+        cos, sin = self.rope(pos)
+        entries = apply_rope(entries, cos, sin)
+        if self.emulate_quant:
+            if self.rotate:
+                entries = fake_quant_fp4(hadamard(entries))
+            else:
+                nope = self.head_dim - self.rope_dim
+                entries = torch.cat([fake_quant_fp8(entries[..., :nope]), entries[..., nope:]], -1)
+        state.append(entries)
+
+    def _overlap(self, t: torch.Tensor, prev: torch.Tensor | None, fill: float) -> torch.Tensor:
+        """[B, n, m, 2D] -> [B, n, 2m, D]: A-halves of the previous window, then own B-halves."""
+        d, m = self.head_dim, self.ratio
+        out = t.new_full((t.shape[0], t.shape[1], 2 * m, d), fill)
+        out[:, :, m:] = t[..., d:]
+        out[:, 1:, :m] = t[:, :-1, :, :d]
+        if prev is not None:
+            out[:, 0, :m] = prev[..., :d]
+        return out

@@ -1,0 +1,145 @@
+"""DeepseekV4ForCausalLM: embedding -> blocks wrapped in mHC -> hc_head -> norm -> head.
+
+Module and parameter names are the official checkpoint's (architecture.md 4.1), so an official
+state dict loads by name. `forward(input_ids)` returns logits for every position with no cache;
+`forward(input_ids, cache)` continues a SequenceCache from `cache.num_tokens` (any chunk size).
+The MTP block (architecture.md 2.8) drafts logits for token i+2 from the pre-hc_head streams.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.model.attention import Attention
+from dsv4.model.layers import RMSNorm
+from dsv4.model.linear import Linear
+from dsv4.model.mhc import hc_head, hc_post, hc_pre
+from dsv4.model.moe import MoE
+from dsv4.model.sequence_cache import LayerState, SequenceCache
+
+__all__ = ["Block", "MTPBlock", "DeepseekV4ForCausalLM"]
+
+
+def _fp32_param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, dtype=torch.float32), requires_grad=False)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, ratio: int, is_hash: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.attn = Attention(config, ratio)
+        self.ffn = MoE(config, is_hash)
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        n = config.hc_mult
+        mix, width = (2 + n) * n, n * config.hidden_size
+        for site in ("attn", "ffn"):
+            setattr(self, f"hc_{site}_fn", _fp32_param(mix, width))
+            setattr(self, f"hc_{site}_base", _fp32_param(mix))
+            setattr(self, f"hc_{site}_scale", _fp32_param(3))
+
+    def _mix(self, site: str, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.config
+        return hc_pre(h, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                      getattr(self, f"hc_{site}_base"), c.hc_sinkhorn_iters, c.hc_eps,
+                      c.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, start_pos: int, input_ids: torch.Tensor,
+                state: LayerState) -> torch.Tensor:
+        """h [B, T, hc_mult, dim] -> same shape."""
+        x, post, comb = self._mix("attn", h)
+        h = hc_post(self.attn(self.attn_norm(x), start_pos, state), h, post, comb)
+        x, post, comb = self._mix("ffn", h)
+        return hc_post(self.ffn(self.ffn_norm(x), input_ids), h, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token-prediction head: one sliding-window block on top of the trunk's streams."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config, ratio=0, is_hash=False)
+        fmt = "fp8" if config.weight_dtype == "fp8" else "dense"
+        sdt = torch.float8_e8m0fnu if config.scale_fmt == "ue8m0" else torch.float32
+        d, n = config.hidden_size, config.hc_mult
+        self.e_proj = Linear(d, d, fmt, sdt)
+        self.h_proj = Linear(d, d, fmt, sdt)
+        self.enorm = RMSNorm(d, config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps)
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.hc_head_fn, self.hc_head_base = _fp32_param(n, n * d), _fp32_param(n)
+        self.hc_head_scale = _fp32_param(1)
+
+
+class DeepseekV4ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, emulate_quant: bool = True,
+                 with_mtp: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        d, n = config.hidden_size, config.hc_mult
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleList(
+            Block(config, r, config.is_hash_layer(i)) for i, r in enumerate(config.compress_ratios))
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        self.hc_head_fn, self.hc_head_base = _fp32_param(n, n * d), _fp32_param(n)
+        self.hc_head_scale = _fp32_param(1)
+        self.mtp = nn.ModuleList(
+            MTPBlock(config) for _ in range(config.num_nextn_predict_layers if with_mtp else 0))
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.compute_dtype = torch.float32
+        self.set_emulate_quant(emulate_quant)
+
+    def set_emulate_quant(self, on: bool) -> None:
+        """Turn the reference's FP8/FP4 KV and indexer rounding on (default) or off."""
+        self.emulate_quant = on
+        for block in [*self.layers, *self.mtp]:
+            block.attn.set_emulate_quant(on)
+
+    def new_cache(self) -> SequenceCache:
+        return SequenceCache.empty(self.config, len(self.layers) + len(self.mtp))
+
+    def hidden_streams(self, input_ids: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
+        """Run the trunk on a chunk; returns the pre-hc_head streams [B, T, hc_mult, dim]."""
+        start = cache.num_tokens
+        x = self.embed(input_ids).to(self.compute_dtype)
+        h = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        for block, state in zip(self.layers, cache.layers):
+            h = block(h, start, input_ids, state)
+        cache.num_tokens = start + input_ids.shape[1]
+        return h
+
+    def logits(self, h: torch.Tensor, owner: nn.Module | None = None) -> torch.Tensor:
+        owner = owner or self
+        c = self.config
+        x = hc_head(h, owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base,
+                    c.hc_eps, c.rms_norm_eps)
+        x = owner.norm(x)
+        return F.linear(x, self.head.weight.to(x.dtype)).float()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: SequenceCache | None = None
+                ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (fp32)."""
+        cache = cache if cache is not None else self.new_cache()
+        return self.logits(self.hidden_streams(input_ids, cache))
+
+    def forward_step(self, input_ids: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
+        """Decode one token per sequence at position cache.num_tokens."""
+        return self.forward(input_ids, cache)
+
+    @torch.inference_mode()
+    def mtp_logits(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int,
+                   cache: SequenceCache, depth: int = 0) -> torch.Tensor:
+        """Draft logits for t[i+2] from trunk streams h at positions i and embeddings of t[i+1].
+
+        h [B, T, hc_mult, dim] at positions start_pos..; next_ids [B, T]."""
+        block: MTPBlock = self.mtp[depth]
+        e = block.e_proj(block.enorm(self.embed(next_ids).to(h.dtype)))
+        x = e.unsqueeze(2) + block.h_proj(block.hnorm(h))
+        x = block(x, start_pos, next_ids, cache.layers[len(self.layers) + depth])
+        return self.logits(x, owner=block)

@@ -1,0 +1,68 @@
+"""Lightning indexer of CSA layers (architecture.md 2.6) and its deterministic top-k.
+
+Score of compressed entry w for query p: sum_h w_h * ReLU(q_h . K_w), with q from the attention's
+low-rank query c_q and K from the indexer's own ratio-4 compressor. ReLU makes exact ties common,
+so selection is *deterministic*: higher score first, then lower entry index (a stable descending
+sort). Every path (full forward, chunked prefill, decode) selects through `select_topk`, so they
+agree whenever the scores agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.model.compressor import Compressor
+from dsv4.model.layers import RotaryEmbedding, apply_rope
+from dsv4.model.linear import Linear
+from dsv4.model.quant import fake_quant_fp4, hadamard
+from dsv4.model.sequence_cache import CompressorState
+
+__all__ = ["Indexer", "select_topk"]
+
+
+def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k entry ids per query with ties broken by lower id; -1 where fewer are visible.
+
+    scores [..., E]; visible [..., E] bool; returns [..., min(k, E)] int64.
+    """
+    k = min(k, scores.shape[-1])
+    masked = scores.masked_fill(~visible, float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :k]
+    chosen_visible = visible.gather(-1, order)
+    return torch.where(chosen_visible, order, torch.full_like(order, -1))
+
+
+class Indexer(nn.Module):
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, wq_b_fmt: str) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.topk = config.index_topk
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, wq_b_fmt)
+        self.weights_proj = Linear(config.hidden_size, self.n_heads)
+        self.compressor = Compressor(config, 4, self.head_dim, rotate=True, rope=rope)
+        self.rope = rope
+        self.emulate_quant = True
+
+    def update_keys(self, x: torch.Tensor, start_pos: int, state: CompressorState) -> None:
+        self.compressor(x, start_pos, state)
+
+    def select(self, x: torch.Tensor, q_lora: torch.Tensor, positions: torch.Tensor,
+               keys: torch.Tensor) -> torch.Tensor:
+        """Pick compressed entries for each query.
+
+        x [B, T, dim] (normed layer input), q_lora [B, T, q_lora_rank], positions [T],
+        keys [B, E, index_head_dim]; returns [B, T, min(k, E)] entry ids, -1 = none.
+        """
+        q = self.wq_b(q_lora).unflatten(-1, (self.n_heads, self.head_dim))
+        cos, sin = self.rope(positions)
+        q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+        if self.emulate_quant:
+            q = fake_quant_fp4(hadamard(q))
+        weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        logits = torch.einsum("bthd,bed->bthe", q.float(), keys.float())
+        scores = (logits.relu() * weights.unsqueeze(-1)).sum(dim=2)  # [B, T, E]
+        entry = torch.arange(keys.shape[1], device=x.device)
+        visible = entry < ((positions + 1) // 4).unsqueeze(-1)  # [T, E]
+        return select_topk(scores, visible.expand_as(scores), self.topk)

@@ -1,0 +1,66 @@
+"""Linear: a weight kept in checkpoint precision, dequantized per matmul.
+
+Formats: "fp8" (e4m3 [out, in] + block-128 scale), "fp4" (int8-packed e2m1 [out, in/2] + per-32
+ue8m0 scale) and "dense" (a plain float weight). Keeping the release's bytes in memory is what lets
+a V4-Flash fit in about its on-disk size; the price is a dequantization per call, which is the
+place where fused FP8/FP4 GEMM kernels plug in later. Attribute names follow the checkpoint
+(`weight`, `scale`) so loading is a plain name map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.model.quant import dequant_fp4, dequant_fp8
+
+__all__ = ["Linear", "FORMAT_DTYPES"]
+
+FORMAT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp4": torch.int8}
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, fmt: str = "dense",
+                 scale_dtype: torch.dtype = torch.float8_e8m0fnu) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        if fmt == "fp8":
+            self.weight = nn.Parameter(
+                torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+                requires_grad=False)
+            shape = (-(-out_features // 128), -(-in_features // 128))
+            self.scale = nn.Parameter(torch.empty(shape, dtype=scale_dtype), requires_grad=False)
+        elif fmt == "fp4":
+            if in_features % 32:
+                raise ValueError(f"FP4 linear needs in_features % 32 == 0, got {in_features}")
+            self.weight = nn.Parameter(
+                torch.empty(out_features, in_features // 2, dtype=torch.int8), requires_grad=False)
+            self.scale = nn.Parameter(
+                torch.empty(out_features, in_features // 32, dtype=torch.float8_e8m0fnu),
+                requires_grad=False)
+        elif fmt == "dense":
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+            self.register_parameter("scale", None)
+        else:
+            raise ValueError(f"unknown weight format {fmt!r}")
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.fmt == "fp8":
+            return dequant_fp8(self.weight, self.scale, dtype)
+        if self.fmt == "fp4":
+            return dequant_fp4(self.weight, self.scale, dtype)
+        return self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(x.dtype))
+
+    def densify(self, dtype: torch.dtype) -> None:
+        """Expand the weight once to `dtype` (the load-time `dtype=` option)."""
+        if self.fmt != "dense":
+            self.weight = nn.Parameter(self.dense_weight(dtype), requires_grad=False)
+            self.scale = None
+            self.fmt = "dense"
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.fmt}"

@@ -1,0 +1,132 @@
+"""load_model: a V4 checkpoint directory -> DeepseekV4ForCausalLM, weights in checkpoint precision.
+
+Reads only safetensors (sharded via model.safetensors.index.json, or one model.safetensors) and
+config.json; never pickles, never code from the checkpoint directory. The model is built on the
+meta device and each parameter is materialised straight from its stored tensor, so FP8 / FP4
+weights stay FP8 / FP4 in memory. Missing, unexpected or mis-shaped tensors fail with the name
+and the expected shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from dsv4.config import ModelConfig
+from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
+from dsv4.model.linear import Linear
+from dsv4.model.names import is_hf_naming, official_items
+
+__all__ = ["load_model", "checkpoint_files", "CheckpointError"]
+
+_SCALE_DTYPES = (torch.float8_e8m0fnu, torch.float32, torch.uint8)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config."""
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {path}")
+    return files
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(path: str | Path, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, emulate_quant: bool = True,
+               progress: bool = True) -> DeepseekV4ForCausalLM:
+    """Load a checkpoint (official or transformers naming).
+
+    device: "cpu" (fp32 compute) or "cuda" (bf16 compute); default: cuda when available.
+    dtype: expand every weight to this dtype at load (more memory, no per-matmul dequant);
+    None keeps FP8/FP4/BF16 as stored. emulate_quant: the reference's FP8/FP4 KV rounding.
+    """
+    path = Path(path)
+    config = ModelConfig.from_pretrained(path)
+    device = torch.device(device or _default_device())
+    files = checkpoint_files(path)
+    names = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.extend(f.keys())
+    hf = is_hf_naming(names)
+    with_mtp = any(n.startswith("mtp.") for n in names)
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(config, emulate_quant=emulate_quant, with_mtp=with_mtp)
+    expected = dict(model.named_parameters())
+    expected.update(model.named_buffers())
+    loaded: set[str] = set()
+    bar = tqdm(total=len(names), desc="Loading weights", unit="tensor", disable=not progress)
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for stored in f.keys():
+                for name, tensor in official_items(stored, f.get_tensor(stored), hf):
+                    _assign(model, expected, name, tensor, device)
+                    loaded.add(name)
+                bar.update(1)
+    bar.close()
+    missing = [n for n in expected if n not in loaded]
+    if missing:
+        shown = ", ".join(f"{n} {tuple(expected[n].shape)}" for n in missing[:8])
+        raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensors: {shown}"
+                              + (" ..." if len(missing) > 8 else ""))
+    compute = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model.compute_dtype = dtype or compute
+    if dtype is not None:
+        for mod in model.modules():
+            if isinstance(mod, Linear):
+                mod.densify(dtype)
+        for p in (model.embed.weight, model.head.weight):
+            p.data = p.data.to(dtype)
+    return model.eval()
+
+
+def _assign(model: torch.nn.Module, expected: dict[str, torch.Tensor], name: str,
+            tensor: torch.Tensor, device: torch.device) -> None:
+    target = expected.get(name)
+    if target is None:
+        raise CheckpointError(f"unexpected tensor {name} {tuple(tensor.shape)} in checkpoint")
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+    if name.endswith(".scale") and tensor.dtype in _SCALE_DTYPES:
+        value = tensor.view(torch.float8_e8m0fnu) if tensor.dtype == torch.uint8 else tensor
+    elif target.dtype in (torch.float8_e4m3fn, torch.int8, torch.int64):
+        if tensor.dtype != target.dtype and not (target.dtype == torch.int64
+                                                 and tensor.dtype == torch.int32):
+            raise CheckpointError(
+                f"tensor {name} is {tensor.dtype}, expected {target.dtype} (config says so)")
+        value = tensor.to(target.dtype)
+    elif target.dtype == torch.float32 and _is_small_fp32(name):
+        value = tensor.float()
+    else:
+        value = tensor  # dense weights keep their stored dtype (bf16 as released)
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    value = value.to(device)
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def _is_small_fp32(name: str) -> bool:
+    """Parameters the reference keeps in fp32 whatever their stored dtype."""
+    leaf = name.rsplit(".", 1)[-1]
+    return (leaf.startswith("hc_") or leaf in ("ape", "attn_sink", "bias")
+            or name.endswith("norm.weight"))
+

@@ -1,0 +1,109 @@
+"""SequenceCache: the simple, unpaged per-sequence decode state of the model (architecture.md 3).
+
+One `LayerState` per layer: the last `sliding_window - 1` window KV vectors, and for compressed
+layers the compressor state (tokens of the unfinished window, the previous complete window for
+CSA's overlap) plus all compressed entries so far (main, and indexer keys on CSA layers). A batch
+of B sequences shares one position counter, so this is the cache for `model(input_ids)` and
+token-by-token tests; the paged engine cache is a separate thing built on the same semantics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv4.config import ModelConfig
+
+__all__ = ["SequenceCache", "LayerState", "CompressorState"]
+
+
+@dataclass
+class CompressorState:
+    """Partial-window and output state of one compressor (main or indexer)."""
+
+    ratio: int
+    width: int  # coff * D: the projected width (2D with overlap)
+    out_dim: int  # D
+    pending_kv: torch.Tensor | None = None  # [B, c, width] tokens of the unfinished window
+    pending_score: torch.Tensor | None = None  # [B, c, width] gate logits incl. position bias
+    prev_kv: torch.Tensor | None = None  # [B, ratio, width] last complete window (overlap only)
+    prev_score: torch.Tensor | None = None
+    entries: torch.Tensor | None = None  # [B, capacity, D] compressed entries
+    num_entries: int = 0
+
+    @property
+    def num_pending(self) -> int:
+        return 0 if self.pending_kv is None else self.pending_kv.shape[1]
+
+    def view_entries(self) -> torch.Tensor | None:
+        return None if self.entries is None else self.entries[:, : self.num_entries]
+
+    def append(self, new: torch.Tensor) -> None:
+        """Append [B, n, D] entries, growing capacity geometrically (amortised O(1))."""
+        n = new.shape[1]
+        if n == 0:
+            return
+        need = self.num_entries + n
+        if self.entries is None or self.entries.shape[1] < need:
+            cap = max(need, 2 * (0 if self.entries is None else self.entries.shape[1]), 16)
+            grown = new.new_zeros(new.shape[0], cap, new.shape[2])
+            if self.entries is not None:
+                grown[:, : self.num_entries] = self.entries[:, : self.num_entries]
+            self.entries = grown
+        self.entries[:, self.num_entries:need] = new
+        self.num_entries = need
+
+
+@dataclass
+class LayerState:
+    window: torch.Tensor | None = None  # [B, <= window-1, head_dim] most recent KV, oldest first
+    compressor: CompressorState | None = None
+    indexer: CompressorState | None = None
+
+
+@dataclass
+class SequenceCache:
+    config: ModelConfig
+    layers: list[LayerState] = field(default_factory=list)
+    num_tokens: int = 0  # tokens already processed (= position of the next token)
+
+    @classmethod
+    def empty(cls, config: ModelConfig, num_layers: int | None = None) -> SequenceCache:
+        layers = []
+        ratios = list(config.compress_ratios)
+        ratios += [0] * ((num_layers or len(ratios)) - len(ratios))
+        for ratio in ratios[: num_layers or len(ratios)]:
+            st = LayerState()
+            if ratio:
+                coff = 2 if ratio == 4 else 1
+                st.compressor = CompressorState(ratio, coff * config.head_dim, config.head_dim)
+                if ratio == 4:
+                    st.indexer = CompressorState(
+                        ratio, coff * config.index_head_dim, config.index_head_dim)
+            layers.append(st)
+        return cls(config, layers)
+
+    @classmethod
+    def synthetic(cls, config: ModelConfig, context_len: int, batch: int = 1,
+                  device: str | torch.device = "meta",
+                  dtype: torch.dtype = torch.float32) -> SequenceCache:
+        """A cache shaped as if `context_len` tokens had been processed (zeros, or shapes only on
+        the meta device): for FLOP counting and memory sizing without running a prefill."""
+        cache = cls.empty(config)
+        w = min(context_len, config.sliding_window - 1)
+        for st in cache.layers:
+            st.window = torch.zeros(batch, w, config.head_dim, device=device, dtype=dtype)
+            for cs in (st.compressor, st.indexer):
+                if cs is None:
+                    continue
+                n_entries, c = divmod(context_len, cs.ratio)
+                cs.entries = torch.zeros(batch, n_entries, cs.out_dim, device=device, dtype=dtype)
+                cs.num_entries = n_entries
+                cs.pending_kv = torch.zeros(batch, c, cs.width, device=device)
+                cs.pending_score = torch.zeros(batch, c, cs.width, device=device)
+                if cs.ratio == 4 and n_entries:
+                    cs.prev_kv = torch.zeros(batch, cs.ratio, cs.width, device=device)
+                    cs.prev_score = torch.zeros(batch, cs.ratio, cs.width, device=device)
+        cache.num_tokens = context_len
+        return cache
