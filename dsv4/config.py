@@ -309,7 +309,7 @@ def _parse_rope(d: dict[str, Any]) -> dict[str, Any]:
 def _parse_quant(d: dict[str, Any]) -> dict[str, Any]:
     q = d.get("quantization_config")
     out: dict[str, Any] = {}
-    if "dtype" in d and isinstance(d["dtype"], str):  # reference ModelArgs spelling
+    if d.get("dtype") in ("fp8", "bf16"):  # reference ModelArgs spelling
         out["weight_dtype"] = "fp8" if d["dtype"] == "fp8" else None
         out["scale_fmt"] = d.get("scale_fmt")
     elif isinstance(q, dict):

@@ -1,8 +1,10 @@
-"""Checkpoint tensor names: transformers' `save_pretrained` spelling -> the official one.
+"""Checkpoint tensor names: transformers' spellings -> the official one.
 
 The model's modules are named like the official release (architecture.md 4.1), so official
-checkpoints load by name. transformers renames modules and merges routed experts into 3-D
-`gate_up_proj` / `down_proj` tensors (architecture.md 4.4); `official_items` undoes both.
+checkpoints load by name. transformers names modules its own way and merges routed experts into
+3-D `gate_up_proj` / `down_proj` tensors (architecture.md 4.4); its `save_pretrained` writes a
+partly reversed hybrid (`model.` prefix, `embed_tokens`, `hc_head.hc_fn`, and the attention's
+`kv_norm` as `attn.norm`). `official_items` maps all of these back.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _HF_RULES: list[tuple[str, str]] = [
     (r"\.o_a_proj\.", ".wo_a."),
     (r"\.o_b_proj\.", ".wo_b."),
     (r"\.attn\.sinks$", ".attn.attn_sink"),
+    (r"\.attn\.norm\.weight$", ".attn.kv_norm.weight"),  # save_pretrained's lossy reverse
     (r"\.kv_proj\.", ".wkv."),
     (r"(compressor)\.gate_proj\.", r"\1.wgate."),
     (r"(compressor)\.kv_norm\.", r"\1.norm."),

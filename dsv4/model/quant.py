@@ -48,8 +48,9 @@ def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = 
                 block: int = 128) -> torch.Tensor:
     """FP8 e4m3 weight [..., out, in] with block scales [..., ceil(out/b), ceil(in/b)]."""
     rows, cols = weight.shape[-2:]
-    s = _expand_blocks(ue8m0_to_float(scale), rows, cols, block, block)
-    return (weight.float() * s).to(dtype)
+    work = torch.promote_types(dtype, torch.float32)  # float64 output: no fp32 overflow
+    s = _expand_blocks(ue8m0_to_float(scale).to(work), rows, cols, block, block)
+    return (weight.to(work) * s).to(dtype)
 
 
 def _fp4_table(device: torch.device) -> torch.Tensor:
@@ -63,8 +64,9 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = 
     scales [..., out, in/32] -> dense [..., out, in]."""
     b = packed.view(torch.uint8)
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2).long()
-    values = _fp4_table(packed.device)[codes]
-    s = ue8m0_to_float(scale).repeat_interleave(block, dim=-1)[..., : values.shape[-1]]
+    work = torch.promote_types(dtype, torch.float32)
+    values = _fp4_table(packed.device).to(work)[codes]
+    s = ue8m0_to_float(scale).to(work).repeat_interleave(block, dim=-1)[..., : values.shape[-1]]
     return (values * s).to(dtype)
 
 

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny V4 configs (real layer kinds, toy widths) and checkpoint builders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv4.config import ModelConfig
+from dsv4.model import load_model, write_checkpoint
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """~4 layers: swa, csa, hca (ratio 8 so short prompts reach it), csa; one hash layer."""
+    base = dict(
+        vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=64,
+        qk_rope_head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
+        compress_ratios=(0, 4, 8, 4), index_n_heads=2, index_head_dim=32, index_topk=64,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, num_hash_layers=1,
+        hc_mult=4, hc_sinkhorn_iters=5, original_max_position_embeddings=32, rope_factor=4.0,
+        num_nextn_predict_layers=1,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Factory: (config, **write kwargs) -> checkpoint directory."""
+
+    def make(config: ModelConfig | None = None, name: str = "ckpt", **kw) -> Path:
+        return write_checkpoint(tmp_path / name, config or tiny_config(), tokenizer=False, **kw)
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(tiny_checkpoint):
+    def make(config: ModelConfig | None = None, **load_kw):
+        return load_model(tiny_checkpoint(config), device="cpu", progress=False, **load_kw)
+
+    return make
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
