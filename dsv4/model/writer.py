@@ -9,8 +9,8 @@ tiny checkpoints with it; `dsv4.model.default` uses it for the embedded demo mod
 from __future__ import annotations
 
 import json
-import math
 import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.model.linear import Linear
 from dsv4.model.quant import quant_fp4_rows, quant_fp8_blocks
 
-__all__ = ["random_state_dict", "write_checkpoint", "copy_tokenizer"]
+__all__ = ["iter_random_tensors", "random_state_dict", "write_checkpoint", "copy_tokenizer"]
 
 
 def _init_value(name: str, shape: tuple[int, ...], config: ModelConfig,
@@ -49,32 +49,44 @@ def _init_value(name: str, shape: tuple[int, ...], config: ModelConfig,
     return torch.randn(shape, generator=g) * shape[-1] ** -0.5  # head, gate.weight
 
 
-def random_state_dict(config: ModelConfig, seed: int = 0, with_mtp: bool = True
-                      ) -> dict[str, torch.Tensor]:
-    """Official-name tensors for `config`, in the release's storage formats."""
+def iter_random_tensors(config: ModelConfig, seed: int = 0, with_mtp: bool = True
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Official-name tensors for `config` in the release's storage formats, one at a time (so a
+    full-size layer never needs its fp32 weights in memory at once)."""
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = DeepseekV4ForCausalLM(config, with_mtp=with_mtp)
     ue8m0 = config.scale_fmt == "ue8m0"
-    out: dict[str, torch.Tensor] = {}
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
-    for name, mod in linears.items():
+    done: set[str] = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, Linear):
+            continue
         dense = torch.randn(mod.out_features, mod.in_features, generator=g)
         dense = dense * mod.in_features**-0.5
         if mod.fmt == "fp8":
-            out[f"{name}.weight"], out[f"{name}.scale"] = quant_fp8_blocks(dense, ue8m0=ue8m0)
+            weight, scale = quant_fp8_blocks(dense, ue8m0=ue8m0)
         elif mod.fmt == "fp4":
-            out[f"{name}.weight"], out[f"{name}.scale"] = quant_fp4_rows(dense)
+            weight, scale = quant_fp4_rows(dense)
         else:
-            out[f"{name}.weight"] = dense
+            weight, scale = dense, None
+        done.add(f"{name}.weight")
+        yield f"{name}.weight", weight
+        if scale is not None:
+            done.add(f"{name}.scale")
+            yield f"{name}.scale", scale
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     for name, t in tensors.items():
-        if name in out:
+        if name in done:
             continue
         value = _init_value(name, tuple(t.shape), config, g)
-        out[name] = value.to(torch.int64) if t.dtype == torch.int64 else value
-    return out
+        yield name, (value.to(torch.int64) if t.dtype == torch.int64 else value)
+
+
+def random_state_dict(config: ModelConfig, seed: int = 0, with_mtp: bool = True
+                      ) -> dict[str, torch.Tensor]:
+    """All tensors of `iter_random_tensors` in a dict."""
+    return dict(iter_random_tensors(config, seed, with_mtp))
 
 
 def _storage_dtype(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -96,30 +108,45 @@ def copy_tokenizer(path: Path) -> None:
 
 
 def write_checkpoint(path: str | Path, config: ModelConfig,
-                     state: dict[str, torch.Tensor] | None = None, *, seed: int = 0,
-                     shard_bytes: int = 1 << 30, tokenizer: bool = True,
-                     extra_config: dict | None = None) -> Path:
-    """Write `state` (default: random weights) as an official-format checkpoint directory."""
+                     state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+                     | None = None, *, seed: int = 0, shard_bytes: int = 1 << 30,
+                     tokenizer: bool = True, extra_config: dict | None = None) -> Path:
+    """Write `state` (default: random weights) as an official-format checkpoint directory.
+
+    `state` may be a dict or a stream of (name, tensor); shards are flushed as they fill."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = state if state is not None else random_state_dict(config, seed)
-    state = {n: _storage_dtype(n, t).contiguous() for n, t in state.items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(state):
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = state[name]
-        size += nbytes
-    weight_map = {}
-    digits = max(5, int(math.log10(len(shards))) + 1)
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:0{digits}d}-of-{len(shards):0{digits}d}.safetensors"
+    if state is None:
+        state = iter_random_tensors(config, seed)
+    items = state.items() if isinstance(state, Mapping) else state
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+    files: list[str] = []
+
+    def flush() -> None:
+        nonlocal shard, size
+        fname = f"model-{len(files) + 1:05d}.safetensors"
         save_file(shard, str(path / fname), metadata={"format": "pt"})
+        files.append(fname)
         weight_map.update({n: fname for n in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
+        shard, size = {}, 0
+
+    for name, tensor in items:
+        tensor = _storage_dtype(name, tensor).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > shard_bytes:
+            flush()
+        shard[name] = tensor
+        size += nbytes
+        total += nbytes
+    if shard:
+        flush()
+    # official names: model-0000i-of-0000n.safetensors
+    renames = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
+    for old, new in renames.items():
+        (path / old).rename(path / new)
+    weight_map = {n: renames[f] for n, f in weight_map.items()}
     with open(path / "model.safetensors.index.json", "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     with open(path / "config.json", "w") as f:

