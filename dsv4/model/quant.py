@@ -21,7 +21,8 @@ FP8_MAX = 448.0
 FP4_MAX = 6.0
 # e2m1 magnitudes by 3-bit code; bit 3 of a nibble is the sign
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+# 3-bit code by 2*|value| (0, 1, 2, 3, 4, 6, 8, 12); other slots are never indexed
+_CODE_OF_TWICE_MAG = torch.tensor([0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7], device="cpu")
 
 
 def ue8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
@@ -91,14 +92,14 @@ def fake_quant_fp8(x: torch.Tensor, block: int = 64) -> torch.Tensor:
 
 
 def round_to_fp4(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest e2m1 value, ties to the even code; |x| must be <= 6."""
-    mids = torch.tensor(_FP4_MIDPOINTS, dtype=torch.float32, device=x.device)
-    mag = x.abs()
-    code = torch.bucketize(mag, mids)  # a tie picks the lower code
-    tie_to_odd = (code < 7) & (mag == mids[code.clamp_max(6)]) & (code % 2 == 1)
-    code = code + tie_to_odd.long()
-    mags = torch.tensor(FP4_VALUES, dtype=torch.float32, device=x.device)
-    return torch.copysign(mags[code], x)
+    """Round to the nearest e2m1 value, ties to the even code; |x| must be <= 6.
+
+    The grid has step 0.5 below 2, step 1 in [2, 4) and step 2 in [4, 6]; torch.round rounds
+    half to even, which within each step region is the even code."""
+    mag = x.abs().float()
+    val = torch.where(mag < 2, torch.round(mag * 2) / 2,
+                      torch.where(mag < 4, torch.round(mag), 2 * torch.round(mag / 2)))
+    return torch.copysign(val, x.float())
 
 
 def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -134,8 +135,7 @@ def quant_fp4_rows(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torc
     wb = w.float().unflatten(-1, (-1, block))
     scale = _pow2_scale(wb.abs().amax(-1, keepdim=True), FP4_MAX, FP4_MAX * 2.0**-126)
     q = round_to_fp4((wb / scale).clamp(-FP4_MAX, FP4_MAX)).flatten(-2)
-    mags = torch.tensor(FP4_VALUES, dtype=torch.float32, device=w.device)
-    code = (q.abs().unsqueeze(-1) == mags).float().argmax(-1)
+    code = _CODE_OF_TWICE_MAG.to(w.device)[(q.abs() * 2).long()]
     code = code + 8 * (q < 0).long()  # -0 is stored as +0
     packed = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8).view(torch.int8)
     return packed, float_to_ue8m0(scale.squeeze(-1))

@@ -9,6 +9,7 @@ tiny checkpoints with it; `dsv4.model.default` uses it for the embedded demo mod
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from dsv4.config import ModelConfig
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.model.linear import Linear
-from dsv4.model.quant import quant_fp4_rows, quant_fp8_blocks
+from dsv4.model.quant import quant_fp8_blocks
 
 __all__ = ["iter_random_tensors", "random_state_dict", "write_checkpoint", "copy_tokenizer"]
 
@@ -49,6 +50,16 @@ def _init_value(name: str, shape: tuple[int, ...], config: ModelConfig,
     return torch.randn(shape, generator=g) * shape[-1] ** -0.5  # head, gate.weight
 
 
+def _random_fp4(rows: int, cols: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random packed e2m1 codes with per-32 power-of-two scales, sized so |w| ~ cols^-1/2.
+
+    Drawn directly in the storage format (quantizing a dense draw costs minutes at full width)."""
+    packed = torch.randint(0, 256, (rows, cols // 2), generator=g, dtype=torch.uint8)
+    target = round(math.log2(cols**-0.5 / 2.6))  # mean |e2m1| over uniform codes ~ 2.3
+    exps = target + 127 + torch.randint(-1, 1, (rows, cols // 32), generator=g)
+    return packed.view(torch.int8), exps.to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
 def iter_random_tensors(config: ModelConfig, seed: int = 0, with_mtp: bool = True
                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """Official-name tensors for `config` in the release's storage formats, one at a time (so a
@@ -61,14 +72,15 @@ def iter_random_tensors(config: ModelConfig, seed: int = 0, with_mtp: bool = Tru
     for name, mod in model.named_modules():
         if not isinstance(mod, Linear):
             continue
-        dense = torch.randn(mod.out_features, mod.in_features, generator=g)
-        dense = dense * mod.in_features**-0.5
-        if mod.fmt == "fp8":
-            weight, scale = quant_fp8_blocks(dense, ue8m0=ue8m0)
-        elif mod.fmt == "fp4":
-            weight, scale = quant_fp4_rows(dense)
+        if mod.fmt == "fp4":
+            weight, scale = _random_fp4(mod.out_features, mod.in_features, g)
         else:
-            weight, scale = dense, None
+            dense = torch.randn(mod.out_features, mod.in_features, generator=g)
+            dense = dense * mod.in_features**-0.5
+            if mod.fmt == "fp8":
+                weight, scale = quant_fp8_blocks(dense, ue8m0=ue8m0)
+            else:
+                weight, scale = dense, None
         done.add(f"{name}.weight")
         yield f"{name}.weight", weight
         if scale is not None:
