@@ -1,0 +1,30 @@
+"""KV-cache bookkeeping shared by the scheduler and the model runner (pure Python, no tensors).
+
+``spec`` says what each kind (swa / csa / hca) stores and its bytes; ``block_pool`` hands out
+block ids with ref counts; ``block_manager`` keeps per-request block tables and state slots.
+"""
+
+from __future__ import annotations
+
+from dsv4.cache.block_manager import BlockManager
+from dsv4.cache.block_pool import NULL_BLOCK_ID, BlockPool
+from dsv4.cache.spec import (
+    CACHE_KINDS,
+    CacheSpec,
+    build_cache_specs,
+    kv_bytes_per_seq,
+    kv_bytes_per_token,
+    state_bytes_per_seq,
+)
+
+__all__ = [
+    "BlockManager",
+    "BlockPool",
+    "CACHE_KINDS",
+    "CacheSpec",
+    "NULL_BLOCK_ID",
+    "build_cache_specs",
+    "kv_bytes_per_seq",
+    "kv_bytes_per_token",
+    "state_bytes_per_seq",
+]

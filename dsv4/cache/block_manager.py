@@ -1,0 +1,290 @@
+"""BlockManager: per-request block tables for the three cache kinds and compressor-state slots.
+
+Blocks are measured in source tokens for every kind (design-anchors 6.5): logical block j of a
+request covers tokens [j * block_size, (j + 1) * block_size), i.e. block_size swa entries,
+block_size / 4 csa entries, block_size / hca_ratio hca entries. One BlockPool per kind, each
+sized from its share of ``kv_cache_memory``; a fixed pool of compressor-state slots (one per
+running request). Invariant: after ``allocate`` every token in [num_computed_tokens, end) has a
+slot in every kind; swa blocks wholly behind the window are returned. Pure Python: no tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dsv4.cache.block_pool import NULL_BLOCK_ID, BlockPool
+from dsv4.cache.spec import CacheKind, CacheSpec, build_cache_specs, state_bytes_per_seq
+
+if TYPE_CHECKING:
+    from dsv4.config import ModelConfig
+    from dsv4.engine.engine_config import EngineConfig
+
+__all__ = ["BlockManager"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _RequestBlocks:
+    block_ids: dict[CacheKind, list[int]]  # swa: held blocks only, first one is swa_offset
+    swa_offset: int = 0  # logical index of block_ids["swa"][0] (blocks before it were released)
+    state_slot: int = NULL_BLOCK_ID
+    extra: dict[str, object] = field(default_factory=dict)  # room: prefix hashes, spec state
+
+
+class BlockManager:
+    """Block tables of running requests over one BlockPool per cache kind.
+
+    Table layout for a request after ``end`` tokens (B = block_size, W = sliding window)::
+
+        kind  logical blocks held             entries in block j
+        csa   [0, ceil(end / B))              j*B/4   .. (j+1)*B/4 - 1
+        hca   [0, ceil(end / B))              j*B/r   .. (j+1)*B/r - 1   (r = hca ratio)
+        swa   [swa_offset, ceil(end / B))     tokens j*B .. (j+1)*B - 1; swa_offset =
+                                              max(0, num_computed_tokens - W + 1) // B
+
+    Room left for later work:
+    - Prefix caching: B is a multiple of every ratio, so each full block ends on a compression
+      boundary (HCA state is empty there). Hash full csa/hca blocks into
+      ``BlockPool.block_hashes`` and share them with ``BlockPool.incref``; at a hit of k blocks
+      the swa tail [kB - W, kB) and the CSA overlap state are missing, so either keep hashed swa
+      "checkpoint" blocks + a state snapshot, or replay: start the request at
+      num_computed_tokens = kB - R and have the runner recompute R tokens, rewriting swa
+      entries and compressor state but not the (shared, read-only) compressed entries; exact
+      when R >= num_layers * (W - 1) (each layer widens the window's receptive field).
+    - Speculative decoding: ``num_lookahead_tokens`` gives draft tokens slots beyond ``end``;
+      the scheduler counts only accepted tokens as computed, so rejected entries are simply
+      overwritten later. Compressor state is *not* in blocks: the runner must fold a draft token
+      into its slot's state only after acceptance (or snapshot / restore the slot).
+    - TP / EP: block ids and slot ids are rank-agnostic. Every rank builds the same pools from
+      the same (per-rank, min over ranks) ``kv_cache_memory`` and reads the tables from the
+      broadcast ScheduledBatch; with one shared K=V head the cache is replicated under TP.
+      DP attention runs one BlockManager per DP rank.
+    """
+
+    def __init__(
+        self,
+        specs: Mapping[CacheKind, CacheSpec],
+        block_size: int,
+        num_blocks: Mapping[CacheKind, int],
+        num_state_slots: int,
+    ) -> None:
+        if "swa" not in specs:
+            raise ValueError("specs must contain the swa kind")
+        for spec in specs.values():
+            spec.entries_per_block(block_size)  # raises unless block_size % ratio == 0
+        self.specs = dict(specs)
+        self.block_size = block_size
+        self.window = specs["swa"].window
+        # num_blocks counts the null block of each pool; slots get their own null slot 0
+        self.pools = {kind: BlockPool(num_blocks[kind], kind) for kind in specs}
+        self.state_pool = BlockPool(num_state_slots + 1, "state")
+        self._reqs: dict[str, _RequestBlocks] = {}
+
+    # ---- construction from a memory budget -------------------------------------------------
+    @classmethod
+    def from_config(cls, model_config: ModelConfig, engine_config: EngineConfig) -> BlockManager:
+        """Size the pools from ``engine_config.kv_cache_memory`` (see :meth:`plan`)."""
+        engine_config.check_model(model_config)
+        specs = build_cache_specs(
+            model_config, engine_config.kv_cache_dtype, engine_config.index_cache_dtype,
+            engine_config.compressor_state_dtype,
+        )
+        num_blocks, num_slots = cls.plan(specs, engine_config)
+        return cls(specs, engine_config.block_size, num_blocks, num_slots)
+
+    @staticmethod
+    def plan(
+        specs: Mapping[CacheKind, CacheSpec], engine_config: EngineConfig
+    ) -> tuple[dict[CacheKind, int], int]:
+        """Split the byte budget: (num_blocks per kind incl. the null block, num_state_slots).
+
+        Fixed shares first: per running request one state slot and the swa blocks of a decode
+        window (ceil((W - 1) / B) + 1), plus swa blocks for one full-budget prefill chunk. The
+        rest goes to csa and hca, which every request holds in equal numbers (ceil(end / B)),
+        so both pools get the same count. If the budget cannot hold max_num_seqs requests and
+        one max_model_len request, fewer state slots are planned (the scheduler then runs fewer
+        requests at once); if not even one fits, ValueError.
+        """
+        budget = engine_config.kv_cache_memory
+        if budget is None:
+            raise ValueError("kv_cache_memory is not set (the model runner profiles it)")
+        block, window = engine_config.block_size, specs["swa"].window
+        swa_bytes = specs["swa"].block_bytes(block)
+        compressed = [k for k in specs if k != "swa"]
+        row_bytes = sum(specs[k].block_bytes(block) for k in compressed)  # one csa + one hca
+        swa_per_seq = math.ceil((window - 1) / block) + 1
+        per_seq = swa_per_seq * swa_bytes + state_bytes_per_seq(specs)
+        swa_once = math.ceil(engine_config.max_num_batched_tokens / block) + 1
+        min_rows = math.ceil(engine_config.max_model_len / block)
+        # null blocks of every pool + null state slot + one chunk of swa + one full-length seq
+        fixed = (swa_once + 1) * swa_bytes + (1 + min_rows) * row_bytes + state_bytes_per_seq(specs)
+        num_seqs = min(engine_config.max_num_seqs, max(0, (budget - fixed) // per_seq))
+        if num_seqs < 1:
+            raise ValueError(
+                f"kv_cache_memory {budget} B cannot hold one request of max_model_len "
+                f"{engine_config.max_model_len} (needs {fixed + per_seq} B); lower max_model_len "
+                f"or max_num_batched_tokens, or give the cache more memory"
+            )
+        if num_seqs < engine_config.max_num_seqs:
+            logger.warning("KV budget holds state for %d of max_num_seqs=%d requests",
+                           num_seqs, engine_config.max_num_seqs)
+        num_blocks = {"swa": 1 + swa_once + num_seqs * swa_per_seq}
+        left = budget - num_blocks["swa"] * swa_bytes - (num_seqs + 1) * state_bytes_per_seq(specs)
+        for kind in compressed:
+            num_blocks[kind] = left // row_bytes
+        return num_blocks, num_seqs
+
+    def memory_bytes(self) -> int:
+        """Bytes the runner must allocate for these pools and state slots (null ones included)."""
+        kv = sum(self.pools[k].num_blocks * s.block_bytes(self.block_size)
+                 for k, s in self.specs.items())
+        return kv + self.state_pool.num_blocks * state_bytes_per_seq(self.specs)
+
+    # ---- queries ---------------------------------------------------------------------------
+    @property
+    def num_state_slots(self) -> int:
+        return self.state_pool.num_usable_blocks
+
+    def num_free_blocks(self, kind: CacheKind) -> int:
+        return self.pools[kind].num_free_blocks
+
+    def usage(self) -> float:
+        """Fraction of the fullest pool in use (what bounds admission)."""
+        return max(pool.usage for pool in self.pools.values())
+
+    def all_free(self) -> bool:
+        """True when no request holds anything (e.g. after every request finished)."""
+        pools = [*self.pools.values(), self.state_pool]
+        return not self._reqs and all(p.num_free_blocks == p.num_usable_blocks for p in pools)
+
+    def can_fit(self, num_tokens: int, max_chunk_tokens: int) -> bool:
+        """Whether one request of ``num_tokens`` tokens, prefilled in chunks of at most
+        ``max_chunk_tokens``, fits the pools when it runs alone (else it could never finish)."""
+        num_logical = math.ceil(num_tokens / self.block_size)
+        chunk = min(num_tokens, max_chunk_tokens)
+        swa_need = math.ceil((chunk + self.window - 1) / self.block_size) + 1
+        for kind, pool in self.pools.items():
+            need = min(swa_need, num_logical) if kind == "swa" else num_logical
+            if need > pool.num_usable_blocks:
+                return False
+        return self.state_pool.num_usable_blocks >= 1
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._reqs
+
+    def block_tables(self, request_id: str) -> dict[CacheKind, list[int]]:
+        """Copies of the request's tables per kind (swa starts at :meth:`swa_block_offset`)."""
+        req = self._reqs[request_id]
+        return {kind: list(ids) for kind, ids in req.block_ids.items()}
+
+    def swa_block_offset(self, request_id: str) -> int:
+        return self._reqs[request_id].swa_offset
+
+    def state_slot(self, request_id: str) -> int:
+        return self._reqs[request_id].state_slot
+
+    # ---- allocation ------------------------------------------------------------------------
+    def _first_live_swa_block(self, num_computed_tokens: int) -> int:
+        # the next token (position num_computed_tokens) reads [p - W + 1, p]
+        return max(0, num_computed_tokens - self.window + 1) // self.block_size
+
+    def _num_needed(
+        self, req: _RequestBlocks | None, num_computed_tokens: int, end: int
+    ) -> dict[CacheKind, int]:
+        """New blocks per kind to cover [num_computed_tokens, end) (after swa release)."""
+        num_logical = math.ceil(end / self.block_size)
+        needed: dict[CacheKind, int] = {}
+        for kind in self.specs:
+            held = len(req.block_ids[kind]) if req else 0
+            if kind == "swa":
+                offset = req.swa_offset if req else 0
+                first = max(offset, self._first_live_swa_block(num_computed_tokens))
+                held = max(0, offset + held - first)
+                needed[kind] = max(0, num_logical - first - held)
+            else:
+                needed[kind] = max(0, num_logical - held)
+        return needed
+
+    def can_allocate(
+        self, request_id: str, num_computed_tokens: int, num_new_tokens: int,
+        num_lookahead_tokens: int = 0,
+    ) -> bool:
+        """Whether :meth:`allocate` with the same arguments would succeed."""
+        req = self._reqs.get(request_id)
+        end = num_computed_tokens + num_new_tokens + num_lookahead_tokens
+        needed = self._num_needed(req, num_computed_tokens, end)
+        for kind, num in needed.items():
+            free = self.pools[kind].num_free_blocks
+            if kind == "swa" and req is not None:
+                free += self._num_swa_releasable(req, num_computed_tokens)
+            if num > free:
+                return False
+        no_slot = req is None or req.state_slot == NULL_BLOCK_ID
+        return not (no_slot and self.state_pool.num_free_blocks == 0)
+
+    def allocate(
+        self, request_id: str, num_computed_tokens: int, num_new_tokens: int,
+        num_lookahead_tokens: int = 0,
+    ) -> bool:
+        """Give the request slots for tokens [num_computed_tokens, num_computed_tokens +
+        num_new_tokens + num_lookahead_tokens) in every kind, plus a state slot. All or nothing:
+        returns False and changes nothing (but releasing dead swa blocks) when short."""
+        if num_new_tokens < 0 or num_lookahead_tokens < 0:
+            raise ValueError("token counts must be >= 0")
+        req = self._reqs.get(request_id)
+        if req is not None:
+            self.release_swa_blocks(request_id, num_computed_tokens)
+        if not self.can_allocate(request_id, num_computed_tokens, num_new_tokens,
+                                 num_lookahead_tokens):
+            return False
+        end = num_computed_tokens + num_new_tokens + num_lookahead_tokens
+        needed = self._num_needed(req, num_computed_tokens, end)
+        if req is None:
+            first = self._first_live_swa_block(num_computed_tokens)
+            req = _RequestBlocks(block_ids={kind: [] for kind in self.specs}, swa_offset=first)
+            self._reqs[request_id] = req
+        if req.state_slot == NULL_BLOCK_ID:
+            req.state_slot = self.state_pool.allocate(1)[0]
+        for kind, num in needed.items():
+            req.block_ids[kind].extend(self.pools[kind].allocate(num))
+        return True
+
+    def _num_swa_releasable(self, req: _RequestBlocks, num_computed_tokens: int) -> int:
+        num_dead = min(len(req.block_ids["swa"]),
+                       self._first_live_swa_block(num_computed_tokens) - req.swa_offset)
+        pool = self.pools["swa"]
+        return sum(1 for b in req.block_ids["swa"][:max(0, num_dead)] if pool.ref_count(b) == 1)
+
+    def release_swa_blocks(self, request_id: str, num_computed_tokens: int) -> int:
+        """Return the request's swa blocks that lie wholly behind the window of its next token
+        (position ``num_computed_tokens``). Returns how many blocks went back to the pool."""
+        req = self._reqs.get(request_id)
+        if req is None:
+            return 0
+        first = self._first_live_swa_block(num_computed_tokens)
+        if first <= req.swa_offset:
+            return 0
+        ids = req.block_ids["swa"]
+        num_dead = min(len(ids), first - req.swa_offset)
+        freed = self.pools["swa"].free(ids[:num_dead])
+        req.block_ids["swa"] = ids[num_dead:]
+        req.swa_offset = first
+        return freed
+
+    def free(self, request_id: str) -> None:
+        """Release everything the request holds (finish, abort or preemption). Idempotent."""
+        req = self._reqs.pop(request_id, None)
+        if req is None:
+            return
+        for kind, ids in req.block_ids.items():
+            self.pools[kind].free(reversed(ids))  # tail first: later a prefix cache keeps heads
+        self.state_pool.free([req.state_slot])
+
+    def __repr__(self) -> str:
+        pools = ", ".join(repr(p) for p in self.pools.values())
+        return f"BlockManager(block_size={self.block_size}, {pools}, {self.state_pool!r})"

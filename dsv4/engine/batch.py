@@ -1,0 +1,97 @@
+"""ScheduledBatch: what the scheduler hands the model runner for one step (CPU ints only).
+
+A plain picklable dataclass, so it can be broadcast to TP/EP followers. Rows are requests in
+scheduling order; request i feeds ``token_ids[i]`` at positions ``num_computed_tokens[i] + j``
+and, if ``do_sample[i]``, gets one sampled token back. Every block table is a snapshot (a copy);
+the sampling fields (params, prompt/output ids) are references read only by the driver rank,
+valid until ``Scheduler.update_from_output``. It carries no tensors and builds none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from dsv4.sampling_params import SamplingParams
+
+__all__ = ["ScheduledBatch"]
+
+
+@dataclass
+class ScheduledBatch:
+    # ---- forward inputs (every rank) --------------------------------------------------------
+    # request ids in row order (running requests first, then newly admitted ones)
+    req_ids: list[str] = field(default_factory=list)
+    # input token ids scheduled per request: a prefill chunk, or one token when decoding
+    token_ids: list[list[int]] = field(default_factory=list)
+    # tokens already in the cache before this step = position of token_ids[i][0]; 0 for new
+    # and for preempted-then-resumed requests (the runner must overwrite, not read, their cache)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    # per cache kind ("swa" / "csa" / "hca"), per request: block ids in logical order. csa / hca
+    # start at logical block 0; swa starts at logical block swa_block_offsets[i] (earlier ones
+    # were released). Token at position p: swa entry p, csa entry p // 4, hca entry p // ratio,
+    # each in logical block (entry * ratio) // block_size.
+    block_tables: dict[str, list[list[int]]] = field(default_factory=dict)
+    # logical index of the first block in block_tables["swa"][i]
+    swa_block_offsets: list[int] = field(default_factory=list)
+    # compressor-state slot per request (slot 0 is the null slot for padding lanes)
+    state_slots: list[int] = field(default_factory=list)
+    # True when the request's last scheduled token is its last known token: sample one token
+    # from the logits at that position. False for a prefill chunk that does not end the prompt.
+    do_sample: list[bool] = field(default_factory=list)
+    # requests finished or aborted since the previous batch, so a runner that keeps
+    # per-request state can drop it (their blocks and slots may already be reused here)
+    finished_req_ids: list[str] = field(default_factory=list)
+    # requests preempted since the previous batch: their cache is gone; they come back later
+    # as rows with num_computed_tokens == 0 (recompute)
+    preempted_req_ids: list[str] = field(default_factory=list)
+    # ---- sampling inputs (driver rank only; references into the Request) -----------------------
+    # per request: its SamplingParams
+    sampling_params: list[SamplingParams] = field(default_factory=list)
+    # per request: index of the output token sampled this step (= outputs so far); keys
+    # seeded noise, so a seeded request samples the same tokens in any batch or after preemption
+    num_output_tokens: list[int] = field(default_factory=list)
+    # per request: prompt ids (repetition penalty) and output ids so far (all penalties)
+    prompt_token_ids: list[list[int]] = field(default_factory=list)
+    output_token_ids: list[list[int]] = field(default_factory=list)
+
+    # ---- derived views ---------------------------------------------------------------------
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.req_ids
+
+    @property
+    def num_scheduled_tokens(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
+
+    @property
+    def sample_indices(self) -> list[int]:
+        """Rows that sample, in order (the runner returns logits for these rows only)."""
+        return [i for i, sample in enumerate(self.do_sample) if sample]
+
+    def positions(self) -> list[int]:
+        """Flat positions of all scheduled tokens, row after row."""
+        return [p for start, ids in zip(self.num_computed_tokens, self.token_ids, strict=True)
+                for p in range(start, start + len(ids))]
+
+    def logits_indices(self) -> list[int]:
+        """Flat token index whose logits each sampling row needs (its last scheduled token)."""
+        out, end = [], 0
+        for ids, sample in zip(self.token_ids, self.do_sample, strict=True):
+            end += len(ids)
+            if sample:
+                out.append(end - 1)
+        return out
+
+    def for_followers(self) -> ScheduledBatch:
+        """A copy without the sampling fields, to broadcast to ranks that do not sample."""
+        return dataclasses.replace(self, sampling_params=[], num_output_tokens=[],
+                                   prompt_token_ids=[], output_token_ids=[])

@@ -1,0 +1,227 @@
+"""Scheduler: continuous batching on one token budget (vLLM v1 style), CPU only.
+
+Each ``schedule()`` fills ``max_num_batched_tokens`` with running requests first (decodes and
+unfinished prefill chunks alike: a request just advances ``num_computed_tokens`` toward
+``num_tokens``), then admits waiting requests FCFS while ``max_num_seqs`` allows. When blocks run
+out, the most recently admitted running request is preempted (blocks freed, recomputed later,
+put at the front of the queue); no request is ever dropped. ``update_from_output`` appends
+sampled tokens, applies stop conditions and frees finished requests. Not thread-safe: call
+``add_request`` / ``abort_requests`` between steps. It never touches tensors or text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from dsv4.cache.block_manager import BlockManager
+from dsv4.engine.batch import ScheduledBatch
+from dsv4.engine.engine_config import EngineConfig
+from dsv4.engine.request import Request, RequestOutput, RequestStatus
+
+__all__ = ["Scheduler"]
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Owns the request queues; the BlockManager owns the blocks they hold."""
+
+    def __init__(self, engine_config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = engine_config
+        self.block_manager = block_manager
+        # a running request needs a compressor-state slot: the memory plan may give fewer
+        self.max_num_seqs = min(engine_config.max_num_seqs, block_manager.num_state_slots)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order; preemption takes from the end
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self._finished_req_ids: list[str] = []  # since the last schedule()
+        self._preempted_req_ids: list[str] = []
+
+    # ---- queries ---------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.block_manager.usage()
+
+    # ---- intake ----------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a validated request (see ``dsv4.sampling_params.validate_prompt``)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        max_tokens = request.sampling_params.max_tokens
+        max_len = self.config.max_model_len
+        if max_tokens is not None:
+            max_len = min(max_len, request.num_tokens + max_tokens)
+        if not self.block_manager.can_fit(max_len, self.config.max_num_batched_tokens):
+            raise ValueError(f"request {request.request_id!r} of up to {max_len} tokens can "
+                             f"never fit the KV cache")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(
+        self,
+        request_ids: str | Iterable[str],
+        status: RequestStatus,
+        stop_reason: int | str | None = None,
+    ) -> list[RequestOutput]:
+        """End requests now, wherever they are, and free their blocks. The detokenizer uses
+        this with FINISHED_STOPPED when a stop string matches; aborts use FINISHED_ABORTED.
+        Unknown or already finished ids are ignored."""
+        if not status.is_finished:
+            raise ValueError(f"{status.name} is not a finished status")
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outputs = []
+        for request_id in request_ids:
+            req = self.requests.get(request_id)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            if stop_reason is not None:
+                req.stop_reason = stop_reason
+            self._free_finished(req, status)
+            outputs.append(RequestOutput(request_id, [], True, req.finish_reason, req.stop_reason))
+        return outputs
+
+    def abort_requests(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        """Pick this step's requests and token counts; allocate their blocks; advance their
+        ``num_computed_tokens`` by the tokens scheduled (the runner computes them this step)."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert num_new > 0, f"{req} has nothing to compute"
+            while not self.block_manager.allocate(req.request_id, req.num_computed_tokens,
+                                                  num_new):
+                victim = self.running.pop()  # latest admitted; never one already scheduled
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break  # req preempted itself: nothing behind it fits either
+            scheduled.append((req, num_new))
+            budget -= num_new
+            i += 1
+        # admit waiting requests, unless this step had to preempt (avoid thrashing)
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            req = self.waiting[0]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.block_manager.allocate(req.request_id, req.num_computed_tokens, num_new):
+                break  # FCFS: later requests wait behind the head
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append((req, num_new))
+            budget -= num_new
+        return self._make_batch(scheduled)
+
+    def _make_batch(self, scheduled: list[tuple[Request, int]]) -> ScheduledBatch:
+        bm = self.block_manager
+        batch = ScheduledBatch(
+            block_tables={kind: [] for kind in bm.specs},
+            finished_req_ids=self._finished_req_ids,
+            preempted_req_ids=self._preempted_req_ids,
+        )
+        self._finished_req_ids, self._preempted_req_ids = [], []
+        for req, num_new in scheduled:
+            start = req.num_computed_tokens
+            batch.req_ids.append(req.request_id)
+            batch.token_ids.append(req.all_token_ids[start:start + num_new])
+            batch.num_computed_tokens.append(start)
+            for kind, table in bm.block_tables(req.request_id).items():
+                batch.block_tables[kind].append(table)
+            batch.swa_block_offsets.append(bm.swa_block_offset(req.request_id))
+            batch.state_slots.append(bm.state_slot(req.request_id))
+            req.num_computed_tokens = start + num_new
+            batch.do_sample.append(req.num_computed_tokens == req.num_tokens)
+            batch.sampling_params.append(req.sampling_params)
+            batch.num_output_tokens.append(req.num_output_tokens)
+            batch.prompt_token_ids.append(req.prompt_token_ids)
+            batch.output_token_ids.append(req.output_token_ids)
+        return batch
+
+    def update_from_output(
+        self,
+        batch: ScheduledBatch,
+        sampled_token_ids: Sequence[Sequence[int]],
+        logprobs: Sequence[Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the runner's result for ``batch``.
+
+        ``sampled_token_ids[i]`` lists the new tokens of row i: one token per sampling row
+        (more once speculative decoding accepts several), empty for rows that did not sample.
+        ``logprobs[i]`` (optional, opaque) is passed through to the RequestOutput. Returns one
+        RequestOutput per request that got tokens; finished requests are freed here.
+        """
+        if len(sampled_token_ids) != batch.num_reqs:
+            raise ValueError(f"{len(sampled_token_ids)} sampled rows for {batch.num_reqs} requests")
+        outputs = []
+        any_finished = False
+        for i, request_id in enumerate(batch.req_ids):
+            req = self.requests.get(request_id)
+            if req is None or req.status != RequestStatus.RUNNING or not batch.do_sample[i]:
+                continue  # aborted during the step, or a prefill chunk that samples nothing
+            if not sampled_token_ids[i]:
+                raise ValueError(f"row {i} ({request_id!r}) should have sampled a token")
+            new_ids: list[int] = []
+            status = None
+            for token_id in sampled_token_ids[i]:
+                req.append_output_token_ids(int(token_id))
+                new_ids.append(int(token_id))
+                status = req.check_stop(self.config.max_model_len)
+                if status is not None:
+                    break
+            if status is not None:
+                self._free_finished(req, status)
+                any_finished = True
+            else:
+                self.block_manager.release_swa_blocks(request_id, req.num_computed_tokens)
+            outputs.append(RequestOutput(
+                request_id, new_ids, req.is_finished, req.finish_reason, req.stop_reason,
+                logprobs[i] if logprobs is not None else None,
+            ))
+        if any_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return outputs
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0  # recompute prompt + output so far
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)  # preempted requests come back first
+        self._preempted_req_ids.append(req.request_id)
+        logger.debug("preempted %s", req)
+
+    def _free_finished(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.block_manager.free(req.request_id)
+        del self.requests[req.request_id]
+        self._finished_req_ids.append(req.request_id)
