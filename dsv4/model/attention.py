@@ -10,6 +10,9 @@ Attention reads keys through index lists (gather), never a dense mask over the w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,10 +24,21 @@ from dsv4.model.linear import Linear
 from dsv4.model.quant import fake_quant_fp8
 from dsv4.model.sequence_cache import LayerState
 
-__all__ = ["Attention", "sparse_attention", "gather_rows"]
+__all__ = ["Attention", "Segment", "sparse_attention", "gather_rows"]
 
 # cap on gathered keys per query chunk (elements of [B, T, K, D]) to bound prefill memory
 _GATHER_BUDGET = 1 << 25
+
+
+@dataclass
+class Segment:
+    """Tokens [begin, end) of the flattened step are one sequence at positions start_pos..;
+    `store` is that sequence's cache for the current layer (LayerState or a paged view)."""
+
+    begin: int
+    end: int
+    start_pos: int
+    store: Any
 
 
 def gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -79,37 +93,60 @@ class Attention(nn.Module):
         self.indexer = Indexer(config, self.rope, fmt) if ratio == 4 else None
         self.emulate_quant = True
 
-    def forward(self, x: torch.Tensor, start_pos: int, state: LayerState) -> torch.Tensor:
-        """x [B, T, dim] (normed) at positions start_pos.. -> [B, T, dim]; updates state."""
-        b, t, _ = x.shape
-        positions = torch.arange(start_pos, start_pos + t, device=x.device)
-        cos, sin = self.rope(positions)
+    def forward(self, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """x [B, T, dim] (normed) -> [B, T, dim].
+
+        `segments` split the T axis into runs of consecutive positions of one sequence (batch
+        row group): a SequenceCache forward is one segment over everything; an engine step has
+        one segment per request (B = 1). Projections run on all tokens at once; the cache work
+        and the attention itself run per segment."""
         q_lora = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_lora).unflatten(-1, (self.n_heads, self.head_dim))
         q = rms_normalize(q, self.config.rms_norm_eps).to(x.dtype)
+        kv = self.kv_norm(self.wkv(x))
+        t = x.shape[1]
+        positions = torch.empty(t, dtype=torch.long, device=x.device)
+        for seg in segments:
+            positions[seg.begin:seg.end] = torch.arange(
+                seg.start_pos, seg.start_pos + seg.end - seg.begin, device=x.device)
+        cos, sin = self.rope(positions)
         q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        kv = apply_rope(kv, cos, sin)
         if self.emulate_quant:
             nope = self.head_dim - self.config.qk_rope_head_dim
             kv = torch.cat([fake_quant_fp8(kv[..., :nope]), kv[..., nope:]], dim=-1)
+        o = torch.empty_like(q)
+        for seg in segments:
+            sl = slice(seg.begin, seg.end)
+            o[:, sl] = self._attend(x[:, sl], q[:, sl], q_lora[:, sl], kv[:, sl],
+                                    positions[sl], seg.start_pos, seg.store)
+        o = apply_rope(o, cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
+        return self._project_out(o)
 
-        # window keys: the last window-1 tokens before this chunk, then the chunk itself
-        win_kv = kv if state.window is None else torch.cat([state.window, kv], dim=1)
-        hist = win_kv.shape[1] - t
-        state.window = win_kv[:, win_kv.shape[1] - min(self.window - 1, win_kv.shape[1]):]
+    def _attend(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor, kv: torch.Tensor,
+                positions: torch.Tensor, start_pos: int, store: LayerState) -> torch.Tensor:
+        """One sequence (group) at positions start_pos..: update its cache, attend."""
+        b, t = x.shape[:2]
+        # window keys: up to window-1 tokens before this chunk, then the chunk itself
+        hist = min(start_pos, self.window - 1)
+        history = store.window_history(hist)
+        store.save_window(kv, history)
+        win_kv = kv if history is None else torch.cat([history, kv], dim=1)
         offs = torch.arange(self.window, device=x.device) - (self.window - 1)
         win_idx = torch.arange(t, device=x.device).unsqueeze(1) + hist + offs  # [T, W]
         win_idx = win_idx.masked_fill(win_idx < 0, -1).unsqueeze(0)
 
-        entries = keys = None
+        n_entries = 0
         if self.compressor is not None:
-            self.compressor(x, start_pos, state.compressor)
-            entries = state.compressor.view_entries()
+            self.compressor(x, start_pos, store.compressor)
             if self.indexer is not None:
-                self.indexer.update_keys(x, start_pos, state.indexer)
-                keys = state.indexer.view_entries()
-
-        n_entries = 0 if entries is None else entries.shape[1]
+                self.indexer.update_keys(x, start_pos, store.indexer)
+            n_entries = (start_pos + t) // self.ratio
+            if n_entries:
+                storage, slots = store.compressor.entry_slots(n_entries)
+                if self.indexer is not None:
+                    key_storage, key_slots = store.indexer.entry_slots(n_entries)
+                    keys = key_storage[:, key_slots]
         per_query = self.window + (min(n_entries, self.config.index_topk)
                                    if self.indexer is not None else n_entries)
         step = max(1, _GATHER_BUDGET // max(1, b * per_query * self.head_dim))
@@ -125,11 +162,10 @@ class Attention(nn.Module):
                     ids = torch.arange(n_entries, device=x.device)
                     idx = ids.expand(e - s, -1).masked_fill(
                         ids >= ((pos + 1) // self.ratio).unsqueeze(-1), -1).unsqueeze(0)
-                sources.append((entries, idx))
+                slot_idx = torch.where(idx >= 0, slots[idx.clamp_min(0)], idx)
+                sources.append((storage, slot_idx))
             outs.append(sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
-        o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        o = apply_rope(o, cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
-        return self._project_out(o)
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
         g = self.config.o_groups

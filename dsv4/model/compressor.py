@@ -38,28 +38,34 @@ class Compressor(nn.Module):
         self.emulate_quant = True
 
     def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState) -> None:
-        """Consume x [B, T, dim] at positions start_pos.. and append finished entries to state."""
-        m, d = self.ratio, self.head_dim
+        """Consume x [B, T, dim] at positions start_pos.. and append finished entries to state.
+
+        The unfinished window holds start_pos % ratio tokens; CSA's previous window exists from
+        the second window on. Both follow from the position, so a reused state slot needs no
+        reset."""
+        m = self.ratio
         xf = x.float()
         kv = self.wkv(xf)
         positions = torch.arange(start_pos, start_pos + x.shape[1], device=x.device)
         score = self.wgate(xf) + self.ape[positions % m]
-        if state.pending_kv is not None and state.num_pending:
-            kv = torch.cat([state.pending_kv, kv], dim=1)
-            score = torch.cat([state.pending_score, score], dim=1)
-        first_window = (start_pos - state.num_pending) // m
+        num_pending = start_pos % m
+        pending = state.pending(num_pending)
+        if pending is not None:
+            kv = torch.cat([pending[0], kv], dim=1)
+            score = torch.cat([pending[1], score], dim=1)
+        first_window = (start_pos - num_pending) // m
         n_win = kv.shape[1] // m
         cut = n_win * m
-        state.pending_kv, state.pending_score = kv[:, cut:], score[:, cut:]
+        state.set_pending(kv[:, cut:], score[:, cut:])
         if n_win == 0:
             return
         kv = kv[:, :cut].unflatten(1, (n_win, m))  # [B, n_win, m, width]
         score = score[:, :cut].unflatten(1, (n_win, m))
         if self.overlap:
-            prev_kv, prev_score = state.prev_kv, state.prev_score
-            state.prev_kv, state.prev_score = kv[:, -1], score[:, -1]
-            kv = self._overlap(kv, prev_kv, 0.0)
-            score = self._overlap(score, prev_score, float("-inf"))
+            prev = state.previous() if first_window > 0 else None
+            state.set_previous(kv[:, -1], score[:, -1])
+            kv = self._overlap(kv, None if prev is None else prev[0], 0.0)
+            score = self._overlap(score, None if prev is None else prev[1], float("-inf"))
         pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B, n_win, D]
         entries = self.norm(pooled.to(x.dtype))
         pos = (first_window + torch.arange(n_win, device=x.device)) * m

@@ -8,17 +8,19 @@ The MTP block (architecture.md 2.8) drafts logits for token i+2 from the pre-hc_
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
-from dsv4.model.attention import Attention
+from dsv4.model.attention import Attention, Segment
 from dsv4.model.layers import RMSNorm
 from dsv4.model.linear import Linear
 from dsv4.model.mhc import hc_head, hc_post, hc_pre
 from dsv4.model.moe import MoE
-from dsv4.model.sequence_cache import LayerState, SequenceCache
+from dsv4.model.sequence_cache import SequenceCache
 
 __all__ = ["Block", "MTPBlock", "DeepseekV4ForCausalLM"]
 
@@ -48,11 +50,11 @@ class Block(nn.Module):
                       getattr(self, f"hc_{site}_base"), c.hc_sinkhorn_iters, c.hc_eps,
                       c.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, start_pos: int, input_ids: torch.Tensor,
-                state: LayerState) -> torch.Tensor:
-        """h [B, T, hc_mult, dim] -> same shape."""
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor,
+                segments: list[Segment]) -> torch.Tensor:
+        """h [B, T, hc_mult, dim] -> same shape; segments carry this layer's cache stores."""
         x, post, comb = self._mix("attn", h)
-        h = hc_post(self.attn(self.attn_norm(x), start_pos, state), h, post, comb)
+        h = hc_post(self.attn(self.attn_norm(x), segments), h, post, comb)
         x, post, comb = self._mix("ffn", h)
         return hc_post(self.ffn(self.ffn_norm(x), input_ids), h, post, comb)
 
@@ -105,12 +107,19 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def hidden_streams(self, input_ids: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
         """Run the trunk on a chunk; returns the pre-hc_head streams [B, T, hc_mult, dim]."""
-        start = cache.num_tokens
+        start, t = cache.num_tokens, input_ids.shape[1]
+        h = self.run_layers(input_ids, lambda i: [Segment(0, t, start, cache.layers[i])])
+        cache.num_tokens = start + t
+        return h
+
+    def run_layers(self, input_ids: torch.Tensor,
+                   layer_segments: Callable[[int], list[Segment]]) -> torch.Tensor:
+        """The trunk over input_ids [B, T] whose T axis is split into segments (per layer, by
+        `layer_segments(layer_idx)`); returns the streams [B, T, hc_mult, dim]."""
         x = self.embed(input_ids).to(self.compute_dtype)
         h = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
-        for block, state in zip(self.layers, cache.layers):
-            h = block(h, start, input_ids, state)
-        cache.num_tokens = start + input_ids.shape[1]
+        for i, block in enumerate(self.layers):
+            h = block(h, input_ids, layer_segments(i))
         return h
 
     def logits(self, h: torch.Tensor, owner: nn.Module | None = None) -> torch.Tensor:
@@ -141,5 +150,6 @@ class DeepseekV4ForCausalLM(nn.Module):
         block: MTPBlock = self.mtp[depth]
         e = block.e_proj(block.enorm(self.embed(next_ids).to(h.dtype)))
         x = e.unsqueeze(2) + block.h_proj(block.hnorm(h))
-        x = block(x, start_pos, next_ids, cache.layers[len(self.layers) + depth])
+        seg = Segment(0, next_ids.shape[1], start_pos, cache.layers[len(self.layers) + depth])
+        x = block(x, next_ids, [seg])
         return self.logits(x, owner=block)

@@ -1,10 +1,17 @@
 """SequenceCache: the simple, unpaged per-sequence decode state of the model (architecture.md 3).
 
 One `LayerState` per layer: the last `sliding_window - 1` window KV vectors, and for compressed
-layers the compressor state (tokens of the unfinished window, the previous complete window for
-CSA's overlap) plus all compressed entries so far (main, and indexer keys on CSA layers). A batch
-of B sequences shares one position counter, so this is the cache for `model(input_ids)` and
-token-by-token tests; the paged engine cache is a separate thing built on the same semantics.
+layers a `CompressorState` (tokens of the unfinished window, the previous complete window for
+CSA's overlap, all compressed entries so far; main, and indexer keys on CSA layers). A batch of B
+sequences shares one position counter, so this is the cache for `model(input_ids)` and
+token-by-token tests. The paged engine cache (dsv4.cache.kv_cache) implements the same small
+store interface over block tables, so the attention code is shared.
+
+Store interface used by the attention (B = batch rows of one segment):
+  window_history(h) -> [B, h, D]; save_window(kv_chunk, history)
+  compressor stores: pending(c) -> (kv, score) [B, c, W]; set_pending(kv, score);
+  previous() / set_previous(kv, score) [B, ratio, W]; append(entries [B, n, D]);
+  entry_slots(E) -> (storage [B, S, D], slots [E]) to gather entry w from storage[:, slots[w]].
 """
 
 from __future__ import annotations
@@ -32,12 +39,26 @@ class CompressorState:
     entries: torch.Tensor | None = None  # [B, capacity, D] compressed entries
     num_entries: int = 0
 
-    @property
-    def num_pending(self) -> int:
-        return 0 if self.pending_kv is None else self.pending_kv.shape[1]
+    def pending(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if count == 0 or self.pending_kv is None:
+            return None
+        return self.pending_kv[:, -count:], self.pending_score[:, -count:]
+
+    def set_pending(self, kv: torch.Tensor, score: torch.Tensor) -> None:
+        self.pending_kv, self.pending_score = kv, score
+
+    def previous(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.prev_kv is None else (self.prev_kv, self.prev_score)
+
+    def set_previous(self, kv: torch.Tensor, score: torch.Tensor) -> None:
+        self.prev_kv, self.prev_score = kv, score
 
     def view_entries(self) -> torch.Tensor | None:
         return None if self.entries is None else self.entries[:, : self.num_entries]
+
+    def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = torch.arange(count, device=self.entries.device)
+        return self.entries, slots
 
     def append(self, new: torch.Tensor) -> None:
         """Append [B, n, D] entries, growing capacity geometrically (amortised O(1))."""
@@ -58,8 +79,19 @@ class CompressorState:
 @dataclass
 class LayerState:
     window: torch.Tensor | None = None  # [B, <= window-1, head_dim] most recent KV, oldest first
+    window_size: int = 128
     compressor: CompressorState | None = None
     indexer: CompressorState | None = None
+
+    def window_history(self, count: int) -> torch.Tensor | None:
+        if count == 0 or self.window is None:
+            return None
+        return self.window[:, -count:]
+
+    def save_window(self, kv: torch.Tensor, history: torch.Tensor | None) -> None:
+        full = kv if history is None else torch.cat([history, kv], dim=1)
+        keep = min(self.window_size - 1, full.shape[1])
+        self.window = full[:, full.shape[1] - keep:]
 
 
 @dataclass
@@ -74,7 +106,7 @@ class SequenceCache:
         ratios = list(config.compress_ratios)
         ratios += [0] * ((num_layers or len(ratios)) - len(ratios))
         for ratio in ratios[: num_layers or len(ratios)]:
-            st = LayerState()
+            st = LayerState(window_size=config.sliding_window)
             if ratio:
                 coff = 2 if ratio == 4 else 1
                 st.compressor = CompressorState(ratio, coff * config.head_dim, config.head_dim)
