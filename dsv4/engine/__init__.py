@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.engine_config import EngineConfig
-from dsv4.engine.request import Request, RequestOutput, RequestStatus
+from dsv4.engine.request import Request, StepOutput, RequestStatus
 from dsv4.engine.scheduler import Scheduler
 
 __all__ = [
     "EngineConfig",
     "Request",
-    "RequestOutput",
+    "StepOutput",
     "RequestStatus",
     "ScheduledBatch",
     "Scheduler",

@@ -4,7 +4,8 @@ A request has no prefill/decode flag (vLLM v1): the scheduler advances ``num_com
 toward ``num_tokens`` (prompt + output); when they meet, the next token is sampled. Preemption
 resets ``num_computed_tokens`` to 0 and the request recomputes prompt + output so far. The
 request never sees text: stop strings live in the detokenizer, which ends a request through
-``Scheduler.finish_requests``. ``RequestOutput`` is what one step reports for one request.
+``Scheduler.finish_requests``. ``StepOutput`` is what one step reports for one request (the offline API turns these into
+vLLM-shaped ``dsv4.RequestOutput`` objects).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from dsv4.sampling_params import SamplingParams
 
-__all__ = ["Request", "RequestOutput", "RequestStatus"]
+__all__ = ["Request", "StepOutput", "RequestStatus"]
 
 
 class RequestStatus(enum.IntEnum):
@@ -122,7 +123,7 @@ class Request:
 
 
 @dataclass
-class RequestOutput:
+class StepOutput:
     """What one step produced for one request (the engine turns it into API responses)."""
 
     request_id: str

@@ -19,7 +19,7 @@ from typing import Any
 from dsv4.cache.block_manager import BlockManager
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.engine_config import EngineConfig
-from dsv4.engine.request import Request, RequestOutput, RequestStatus
+from dsv4.engine.request import Request, StepOutput, RequestStatus
 
 __all__ = ["Scheduler"]
 
@@ -77,7 +77,7 @@ class Scheduler:
         request_ids: str | Iterable[str],
         status: RequestStatus,
         stop_reason: int | str | None = None,
-    ) -> list[RequestOutput]:
+    ) -> list[StepOutput]:
         """End requests now, wherever they are, and free their blocks. The detokenizer uses
         this with FINISHED_STOPPED when a stop string matches; aborts use FINISHED_ABORTED.
         Unknown or already finished ids are ignored."""
@@ -97,10 +97,10 @@ class Scheduler:
             if stop_reason is not None:
                 req.stop_reason = stop_reason
             self._free_finished(req, status)
-            outputs.append(RequestOutput(request_id, [], True, req.finish_reason, req.stop_reason))
+            outputs.append(StepOutput(request_id, [], True, req.finish_reason, req.stop_reason))
         return outputs
 
-    def abort_requests(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+    def abort_requests(self, request_ids: str | Iterable[str]) -> list[StepOutput]:
         return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     # ---- one step --------------------------------------------------------------------------
@@ -171,13 +171,13 @@ class Scheduler:
         batch: ScheduledBatch,
         sampled_token_ids: Sequence[Sequence[int]],
         logprobs: Sequence[Any] | None = None,
-    ) -> list[RequestOutput]:
+    ) -> list[StepOutput]:
         """Apply the runner's result for ``batch``.
 
         ``sampled_token_ids[i]`` lists the new tokens of row i: one token per sampling row
         (more once speculative decoding accepts several), empty for rows that did not sample.
-        ``logprobs[i]`` (optional, opaque) is passed through to the RequestOutput. Returns one
-        RequestOutput per request that got tokens; finished requests are freed here.
+        ``logprobs[i]`` (optional, opaque) is passed through to the StepOutput. Returns one
+        StepOutput per request that got tokens; finished requests are freed here.
         """
         if len(sampled_token_ids) != batch.num_reqs:
             raise ValueError(f"{len(sampled_token_ids)} sampled rows for {batch.num_reqs} requests")
@@ -202,7 +202,7 @@ class Scheduler:
                 any_finished = True
             else:
                 self.block_manager.release_swa_blocks(request_id, req.num_computed_tokens)
-            outputs.append(RequestOutput(
+            outputs.append(StepOutput(
                 request_id, new_ids, req.is_finished, req.finish_reason, req.stop_reason,
                 logprobs[i] if logprobs is not None else None,
             ))

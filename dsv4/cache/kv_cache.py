@@ -1,0 +1,160 @@
+"""KVCache: the paged cache storage (tensors), allocated once, addressed by block tables.
+
+Layout, per kind, one tensor over all layers of that kind (B = block_size, r = ratio):
+
+    swa       [num_layers, num_swa_blocks, B, D]       every layer's window KV, by token
+    csa       [n_csa, num_csa_blocks, B/4, D]          main compressed entries
+    csa_index [n_csa, num_csa_blocks, B/4, D_index]    indexer keys
+    hca       [n_hca, num_hca_blocks, B/r, D]
+    states    [n_layers_of_kind, num_slots, rows, width] x (kv, score), fp32: the unfinished
+              window (rows [ratio:] with CSA overlap, else [0:]) and CSA's previous window
+              (rows [0:ratio])
+
+`RequestView` (one request in one step) hands the attention per-layer stores with the same
+interface as SequenceCache's, so the model code is shared. Accounting (which block is whose)
+lives in BlockManager; this module only stores and gathers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.cache.block_manager import BlockManager
+from dsv4.config import ModelConfig
+
+__all__ = ["KVCache", "RequestView"]
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, block_manager: BlockManager,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        self.config, self.block_size = config, block_manager.block_size
+        self.device, self.dtype = torch.device(device), dtype
+        kinds = config.layer_kinds
+        self.kind_index: list[int] = []  # layer -> index among the layers of its kind
+        counts = {"swa": 0, "csa": 0, "hca": 0}
+        for kind in kinds:
+            self.kind_index.append(counts[kind])
+            counts[kind] += 1
+        pools = block_manager.pools
+        slots = block_manager.state_pool.num_blocks
+        d, di, bs = config.head_dim, config.index_head_dim, self.block_size
+
+        def zeros(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dt, device=self.device)
+
+        self.swa = zeros(len(kinds), pools["swa"].num_blocks, bs, d)
+        self.entries: dict[str, torch.Tensor] = {}
+        self.states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if counts["csa"]:
+            n, blocks = counts["csa"], pools["csa"].num_blocks
+            self.entries["csa"] = zeros(n, blocks, bs // 4, d)
+            self.entries["csa_index"] = zeros(n, blocks, bs // 4, di)
+            self.states["csa"] = (zeros(n, slots, 8, 2 * d, dt=torch.float32),
+                                  zeros(n, slots, 8, 2 * d, dt=torch.float32))
+            self.states["csa_index"] = (zeros(n, slots, 8, 2 * di, dt=torch.float32),
+                                        zeros(n, slots, 8, 2 * di, dt=torch.float32))
+        if counts["hca"]:
+            r, n, blocks = config.hca_ratio, counts["hca"], pools["hca"].num_blocks
+            self.entries["hca"] = zeros(n, blocks, bs // r, d)
+            self.states["hca"] = (zeros(n, slots, r, d, dt=torch.float32),
+                                  zeros(n, slots, r, d, dt=torch.float32))
+
+    def memory_bytes(self) -> int:
+        tensors = [self.swa, *self.entries.values()]
+        tensors += [t for pair in self.states.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _slots(table: torch.Tensor, ids: torch.Tensor, per_block: int) -> torch.Tensor:
+    """Logical entry ids -> flat slot ids in [num_blocks * per_block)."""
+    return table[ids // per_block] * per_block + ids % per_block
+
+
+class _CompressorStore:
+    """One request's compressor (main or indexer) of one layer in the paged cache."""
+
+    def __init__(self, view: RequestView, key: str, layer: int, ratio: int) -> None:
+        self.view, self.ratio = view, ratio
+        kv_state, score_state = view.cache.states[key]
+        self.kv, self.score = kv_state[layer, view.slot], score_state[layer, view.slot]
+        self.overlap = ratio == 4
+        storage = view.cache.entries[key][layer]  # [blocks, per_block, D]
+        self.per_block = storage.shape[1]
+        self.flat = storage.view(-1, storage.shape[-1])
+        self.table = view.tables["csa" if key.startswith("csa") else "hca"]
+
+    def pending(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if count == 0:
+            return None
+        off = self.ratio if self.overlap else 0
+        return (self.kv[off:off + count].unsqueeze(0).clone(),
+                self.score[off:off + count].unsqueeze(0).clone())
+
+    def set_pending(self, kv: torch.Tensor, score: torch.Tensor) -> None:
+        off, n = (self.ratio if self.overlap else 0), kv.shape[1]
+        self.kv[off:off + n] = kv[0]
+        self.score[off:off + n] = score[0]
+
+    def previous(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        m = self.ratio
+        return self.kv[:m].unsqueeze(0).clone(), self.score[:m].unsqueeze(0).clone()
+
+    def set_previous(self, kv: torch.Tensor, score: torch.Tensor) -> None:
+        self.kv[: self.ratio] = kv[0]
+        self.score[: self.ratio] = score[0]
+
+    def append(self, entries: torch.Tensor) -> None:
+        first = self.view.start_pos // self.ratio
+        ids = torch.arange(first, first + entries.shape[1], device=entries.device)
+        self.flat[_slots(self.table, ids, self.per_block)] = entries[0].to(self.flat.dtype)
+
+    def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.arange(count, device=self.flat.device)
+        return self.flat.unsqueeze(0), _slots(self.table, ids, self.per_block)
+
+
+class _LayerStore:
+    """One request's cache for one layer: window, compressor and indexer stores."""
+
+    def __init__(self, view: RequestView, layer: int) -> None:
+        self.view, self.layer = view, layer
+        cache = view.cache
+        self.window_flat = cache.swa[layer].view(-1, cache.swa.shape[-1])
+        kind = cache.config.layer_kinds[layer]
+        k = cache.kind_index[layer]
+        self.compressor = self.indexer = None
+        if kind == "csa":
+            self.compressor = _CompressorStore(view, "csa", k, 4)
+            self.indexer = _CompressorStore(view, "csa_index", k, 4)
+        elif kind == "hca":
+            self.compressor = _CompressorStore(view, "hca", k, cache.config.hca_ratio)
+
+    def _window_slots(self, begin: int, end: int) -> torch.Tensor:
+        bs = self.view.cache.block_size
+        pos = torch.arange(begin, end, device=self.window_flat.device)
+        return self.view.tables["swa"][pos // bs - self.view.swa_offset] * bs + pos % bs
+
+    def window_history(self, count: int) -> torch.Tensor | None:
+        if count == 0:
+            return None
+        start = self.view.start_pos
+        return self.window_flat[self._window_slots(start - count, start)].unsqueeze(0)
+
+    def save_window(self, kv: torch.Tensor, history: torch.Tensor | None) -> None:
+        start = self.view.start_pos
+        slots = self._window_slots(start, start + kv.shape[1])
+        self.window_flat[slots] = kv[0].to(self.window_flat.dtype)
+
+
+class RequestView:
+    """One request of one step: its block tables as device tensors and its state slot."""
+
+    def __init__(self, cache: KVCache, tables: dict[str, list[int]], swa_offset: int,
+                 slot: int, start_pos: int) -> None:
+        self.cache, self.swa_offset, self.slot, self.start_pos = cache, swa_offset, slot, start_pos
+        self.tables = {k: torch.tensor(v, dtype=torch.long, device=cache.device)
+                       for k, v in tables.items()}
+
+    def layer(self, layer: int) -> _LayerStore:
+        return _LayerStore(self, layer)

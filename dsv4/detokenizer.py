@@ -1,0 +1,54 @@
+"""IncrementalDetokenizer: token ids -> text deltas for one completion, with stop strings.
+
+Decodes the whole output each time and emits what is new, holding back (a) an unfinished UTF-8
+sequence (a trailing U+FFFD) and (b) a tail that could still grow into a stop string, so a
+streamed delta never has to be taken back. When a stop string appears the text is cut before it
+(or after it with include_stop_str_in_output) and `stopped` names it.
+"""
+
+from __future__ import annotations
+
+from dsv4.sampling_params import SamplingParams
+from dsv4.tokenizer import Tokenizer
+
+__all__ = ["IncrementalDetokenizer"]
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
+        self.tokenizer, self.params = tokenizer, params
+        self.token_ids: list[int] = []
+        self.text = ""  # text emitted so far
+        self.stopped: str | None = None  # the stop string that ended the output
+
+    def add(self, new_token_ids: list[int], final: bool = False) -> str:
+        """Feed tokens; returns the new text that is safe to emit."""
+        self.token_ids.extend(new_token_ids)
+        if self.stopped is not None:
+            return ""
+        full = self.tokenizer.decode(self.token_ids,
+                                     skip_special_tokens=self.params.skip_special_tokens)
+        if not final and full.endswith("\ufffd"):
+            full = full.rstrip("\ufffd")  # wait for the rest of a multi-byte character
+        cut = len(full)
+        for stop in self.params.stop:
+            at = full.find(stop, max(0, len(self.text) - len(stop)))
+            if at != -1:
+                end = at + len(stop) if self.params.include_stop_str_in_output else at
+                if end <= cut:
+                    cut, self.stopped = end, stop
+        if self.stopped is None and not final:
+            cut -= self._held_back(full)
+        delta = full[len(self.text):cut] if cut > len(self.text) else ""
+        self.text += delta
+        return delta
+
+    def _held_back(self, full: str) -> int:
+        """Length of the longest suffix of `full` that is a proper prefix of a stop string."""
+        hold = 0
+        for stop in self.params.stop:
+            for k in range(min(len(stop) - 1, len(full)), 0, -1):
+                if full.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        return hold

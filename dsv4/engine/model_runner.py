@@ -1,0 +1,64 @@
+"""ModelRunner: one batched forward per step over the paged cache, then sampling.
+
+Owns the tensors: the model, the KVCache (allocated once from the memory budget) and the sampler.
+A ScheduledBatch becomes one flat token row [1, N] (no padding to the longest request): per-token
+work (projections, MoE, mHC) runs on all N tokens together; each request's tokens are one
+attention segment reading its own window and compressed entries through its block tables.
+Logits are computed only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.cache.block_manager import BlockManager
+from dsv4.cache.kv_cache import KVCache, RequestView
+from dsv4.engine.batch import ScheduledBatch
+from dsv4.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
+from dsv4.model.attention import Segment
+from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
+
+__all__ = ["ModelRunner"]
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekV4ForCausalLM, block_manager: BlockManager,
+                 cache_dtype: torch.dtype | None = None) -> None:
+        self.model = model
+        self.device = model.embed.weight.device
+        self.kv_cache = KVCache(model.config, block_manager, self.device,
+                                cache_dtype or model.compute_dtype)
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[list[int]], SamplerOutput | None]:
+        """Run one step; returns new token ids per row ([] for rows that do not sample)."""
+        if batch.is_empty:
+            return [], None
+        flat = [t for ids in batch.token_ids for t in ids]
+        input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
+        views, bounds, begin = [], [], 0
+        for i in range(batch.num_reqs):
+            tables = {k: batch.block_tables[k][i] for k in batch.block_tables}
+            views.append(RequestView(self.kv_cache, tables, batch.swa_block_offsets[i],
+                                     batch.state_slots[i], batch.num_computed_tokens[i]))
+            end = begin + len(batch.token_ids[i])
+            bounds.append((begin, end))
+            begin = end
+
+        def layer_segments(layer: int) -> list[Segment]:
+            return [Segment(b, e, v.start_pos, v.layer(layer)) for (b, e), v in zip(bounds, views)]
+
+        h = self.model.run_layers(input_ids, layer_segments)
+        rows = batch.sample_indices
+        if not rows:
+            return [[] for _ in range(batch.num_reqs)], None
+        index = torch.tensor(batch.logits_indices(), dtype=torch.long, device=self.device)
+        logits = self.model.logits(h[:, index])[0]  # [num_sampling_rows, vocab]
+        meta = SamplingMetadata.from_batch(batch, self.device, self.model.config.vocab_size)
+        out = self.sampler(logits, meta)
+        sampled = out.sampled_token_ids.tolist()
+        result: list[list[int]] = [[] for _ in range(batch.num_reqs)]
+        for row, token in zip(rows, sampled):
+            result[row] = [token]
+        return result, out

@@ -1,0 +1,121 @@
+"""LLM: the offline API in vLLM's shape, over LLMEngine.
+
+    llm = LLM()                                   # the embedded demo model
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=16))
+    outs[0].outputs[0].text, .token_ids, .logprobs, .finish_reason
+
+Text in, text out: prompts are tokenized here and outputs detokenized incrementally (stop
+strings end a completion as soon as they appear). The engine below only sees token ids.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dsv4.detokenizer import IncrementalDetokenizer
+from dsv4.engine.llm_engine import LLMEngine, TokenLogprobs
+from dsv4.sampling_params import SamplingParams
+from dsv4.tokenizer import Tokenizer
+
+__all__ = ["LLM", "RequestOutput", "CompletionOutput"]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None if self.logprobs is None else sum(t.logprob for t in self.logprobs)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, *, device: str | None = None,
+                 dtype: torch.dtype | None = None, emulate_quant: bool = True,
+                 progress: bool = False, **engine_args: Any) -> None:
+        if model is None:
+            from dsv4.model.default import default_model_path
+
+            model = default_model_path()
+        self.engine = LLMEngine.from_pretrained(model, device=device, dtype=dtype,
+                                                emulate_quant=emulate_quant, progress=progress,
+                                                **engine_args)
+        self.tokenizer = Tokenizer.from_pretrained(model)
+        self.engine.eos_token_id = self.tokenizer.eos_token_id
+        self._ids = itertools.count()
+
+    def generate(self, prompts: str | list[str] | None = None,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 prompt_token_ids: list[list[int]] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); results in input order."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompts or prompt_token_ids")
+        texts: list[str | None]
+        if prompts is not None:
+            texts = [prompts] if isinstance(prompts, str) else list(prompts)
+            id_lists = [self.tokenizer.encode(t) for t in texts]
+        else:
+            id_lists = [list(ids) for ids in prompt_token_ids]
+            texts = [None] * len(id_lists)
+        params = sampling_params or SamplingParams()
+        param_list = params if isinstance(params, list) else [params] * len(id_lists)
+        if len(param_list) != len(id_lists):
+            raise ValueError("sampling_params list must have one entry per prompt")
+        results: dict[str, RequestOutput] = {}
+        detoks: dict[tuple[str, int], IncrementalDetokenizer] = {}
+        try:
+            for text, ids, p in zip(texts, id_lists, param_list, strict=True):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, ids, p)
+                results[rid] = RequestOutput(rid, text, ids,
+                                             [CompletionOutput(i) for i in range(p.n)])
+                for i in range(p.n):
+                    detoks[(rid, i)] = IncrementalDetokenizer(self.tokenizer, p)
+        except ValueError:
+            for rid in results:
+                self.engine.abort_request(rid)
+            raise
+        bar = tqdm(total=len(results), desc="Generating", disable=not use_tqdm)
+        remaining = {(rid, i) for rid, r in results.items() for i in range(len(r.outputs))}
+        while remaining:
+            for out in self.engine.step():
+                comp = results[out.request_id].outputs[out.index]
+                comp.token_ids.extend(out.new_token_ids)
+                if out.logprobs is not None:
+                    comp.logprobs = (comp.logprobs or []) + out.logprobs
+                detok = detoks[(out.request_id, out.index)]
+                comp.text += detok.add(out.new_token_ids, final=out.finished)
+                finished, reason, stop = out.finished, out.finish_reason, out.stop_reason
+                if detok.stopped is not None and not finished:
+                    self.engine.finish_request(out.request_id, out.index, detok.stopped)
+                    finished, reason, stop = True, "stop", detok.stopped
+                if finished and (out.request_id, out.index) in remaining:
+                    comp.finish_reason, comp.stop_reason = reason, stop
+                    remaining.discard((out.request_id, out.index))
+                    if all(k not in remaining for k in ((out.request_id, j) for j in
+                           range(len(results[out.request_id].outputs)))):
+                        results[out.request_id].finished = True
+                        bar.update(1)
+        bar.close()
+        return list(results.values())

@@ -1,0 +1,192 @@
+"""The engine end to end on tiny checkpoints: paged cache, continuous batching, chunked prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import rel_err, tiny_config
+from dsv4.engine.model_runner import ModelRunner
+from dsv4.llm import LLM
+from dsv4.sampling_params import SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+# 4 state slots but only 11 usable csa/hca blocks: four ~60-token requests cannot all fit
+TIGHT = dict(kv_cache_memory=400_000, max_model_len=80, max_num_seqs=4)
+
+
+def make_llm(path, **kw) -> LLM:
+    args = dict(device="cpu", kv_cache_memory=32 << 20, max_model_len=256, block_size=16,
+                max_num_batched_tokens=48)
+    args.update(kw)
+    return LLM(path, **args)
+
+
+def prompts_of(lengths, vocab=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture
+def record_logits(monkeypatch):
+    """Capture the logits of every sampling row, per request, in step order."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    real = ModelRunner.execute
+
+    def execute(self, batch):
+        sampler = self.sampler
+
+        def spy(logits, meta):
+            for row, k in zip(batch.sample_indices, range(logits.shape[0])):
+                seen.setdefault(batch.req_ids[row], []).append(logits[k].clone())
+            return type(sampler).forward(sampler, logits, meta)
+
+        self.sampler = spy
+        try:
+            return real(self, batch)
+        finally:
+            self.sampler = sampler
+
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    return seen
+
+
+def test_greedy_batch_equals_transformers_generate(tiny_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_config(weight_dtype=None, expert_dtype=None, scale_fmt=None, index_topk=256)
+    hf = cfg.to_hf_dict()
+    path = tiny_checkpoint(cfg, extra_config={k: hf[k] for k in ("layer_types", "compress_rates")})
+    llm = make_llm(path, emulate_quant=False)
+    prompts = prompts_of([3, 29, 11, 40])
+    outs = llm.generate(prompt_token_ids=prompts,
+                        sampling_params=SamplingParams(max_tokens=10, logprobs=3, **GREEDY))
+    theirs = transformers.DeepseekV4ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor([prompt])
+        want = theirs.generate(ids, max_new_tokens=10, do_sample=False)[0, len(prompt):]
+        assert out.outputs[0].token_ids == want.tolist()
+        with torch.no_grad():
+            full = torch.cat([ids, want[None]], dim=1)
+            logp = theirs(full).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        for t, tl in enumerate(out.outputs[0].logprobs):
+            assert abs(tl.logprob - logp[t, tl.token_id].item()) <= 1e-4
+            top_ids = [i for i, _ in tl.top]
+            assert top_ids == logp[t].topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("budget,max_seqs", [(1, 8), (7, 2), (13, 8), (256, 8)])
+def test_logits_match_full_forward_any_chunking(tiny_checkpoint, record_logits, budget,
+                                                max_seqs):
+    cfg = tiny_config(index_topk=2)  # QAT rounding on, indexer ties
+    llm = make_llm(tiny_checkpoint(cfg), max_num_batched_tokens=budget, max_num_seqs=max_seqs)
+    prompts = prompts_of([5, 33, 18])
+    outs = llm.generate(prompt_token_ids=prompts,
+                        sampling_params=SamplingParams(max_tokens=6, **GREEDY))
+    model = llm.engine.model
+    for prompt, out, rid in zip(prompts, outs, ("0", "1", "2")):
+        seq = torch.tensor([prompt + out.outputs[0].token_ids[:-1]])
+        full = model(seq)[0, len(prompt) - 1:]
+        got = torch.stack(record_logits[out.request_id])
+        assert got.shape == full.shape
+        assert rel_err(got, full) <= 1e-5
+
+
+def test_preemption_keeps_greedy_outputs(tiny_checkpoint):
+    path = tiny_checkpoint(tiny_config(index_topk=2))
+    prompts = prompts_of([30, 25, 40, 35])
+    params = SamplingParams(max_tokens=24, **GREEDY)
+    roomy = make_llm(path).generate(prompt_token_ids=prompts, sampling_params=params)
+    tight = make_llm(path, **TIGHT)
+    outs = tight.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in roomy]
+    assert tight.engine.block_manager.all_free()
+
+
+def test_tight_cache_really_preempts(tiny_checkpoint, monkeypatch):
+    from dsv4.engine import scheduler as sched_mod
+
+    count = {"n": 0}
+    real = sched_mod.Scheduler._preempt
+
+    def spy(self, req):
+        count["n"] += 1
+        return real(self, req)
+
+    monkeypatch.setattr(sched_mod.Scheduler, "_preempt", spy)
+    path = tiny_checkpoint(tiny_config())
+    llm = make_llm(path, **TIGHT)
+    outs = llm.generate(prompt_token_ids=prompts_of([30, 25, 40, 35]),
+                        sampling_params=SamplingParams(max_tokens=24, **GREEDY))
+    assert count["n"] > 0
+    assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
+
+
+def test_blocks_free_after_finish_and_abort(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint())
+    eng = llm.engine
+    eng.add_request("a", prompts_of([20])[0], SamplingParams(max_tokens=50, **GREEDY))
+    eng.add_request("b", prompts_of([9])[0], SamplingParams(max_tokens=3, **GREEDY))
+    eng.add_request("c", prompts_of([12])[0], SamplingParams(max_tokens=50, n=2))
+    for _ in range(4):
+        eng.step()
+    assert not eng.block_manager.all_free()
+    eng.abort_request("a")
+    eng.abort_request("c")
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.block_manager.all_free()
+
+
+def test_seeded_request_same_alone_and_in_busy_batch(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint())
+    prompt = prompts_of([14])[0]
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1234, max_tokens=12,
+                            ignore_eos=True)
+    alone = llm.generate(prompt_token_ids=[prompt], sampling_params=params)[0]
+    others = prompts_of([7, 30, 22], seed=5)
+    busy = llm.generate(prompt_token_ids=others + [prompt],
+                        sampling_params=[SamplingParams(temperature=1.0, max_tokens=12)] * 3
+                        + [params])[-1]
+    assert busy.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_n_completions_and_stop_strings(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint())
+    out = llm.generate(prompt_token_ids=prompts_of([6]),
+                       sampling_params=SamplingParams(n=3, temperature=1.0, seed=7,
+                                                      max_tokens=8, ignore_eos=True))[0]
+    assert len(out.outputs) == 3 and out.finished
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # children get distinct seeds
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(n=0), "n must be"),
+    (dict(max_tokens=0), "max_tokens"),
+])
+def test_invalid_sampling_fields(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**bad)
+
+
+def test_bad_requests_rejected_without_disturbing_others(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint())
+    eng = llm.engine
+    ok = prompts_of([10])[0]
+    eng.add_request("ok", ok, SamplingParams(max_tokens=5, **GREEDY))
+    tokens = [t for o in eng.step() for t in o.new_token_ids]
+    with pytest.raises(ValueError, match="prompt is empty"):
+        eng.add_request("x1", [], SamplingParams())
+    with pytest.raises(ValueError, match="exceeds max_model_len"):
+        eng.add_request("x2", ok, SamplingParams(max_tokens=1000))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.add_request("x3", [1, 2, 512], SamplingParams())
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request("ok", ok, SamplingParams())
+    while eng.has_unfinished_requests():
+        tokens += [t for o in eng.step() for t in o.new_token_ids]
+    assert len(tokens) == 5
+    assert eng.block_manager.all_free()
