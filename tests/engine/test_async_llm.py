@@ -1,0 +1,52 @@
+"""AsyncLLM: concurrent streams, rejection before streaming, cancellation frees the cache."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import tiny_config
+from dsv4.async_llm import AsyncLLM
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.sampling_params import SamplingParams
+
+
+@pytest.fixture
+def async_llm(tiny_checkpoint):
+    engine = LLMEngine.from_pretrained(tiny_checkpoint(tiny_config()), device="cpu",
+                                       progress=False, kv_cache_memory=32 << 20,
+                                       max_model_len=256, block_size=16)
+    llm = AsyncLLM(engine)
+    yield llm
+    llm.shutdown()
+
+
+def test_concurrent_streams_and_cancellation(async_llm):
+    async def collect(prompt, n_tokens):
+        params = SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True)
+        tokens = []
+        async for out in async_llm.generate(prompt, params):
+            tokens += out.new_token_ids
+        return tokens
+
+    async def cancelled():
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        async for _ in async_llm.generate([5, 6, 7], params, request_id="gone"):
+            break  # the client goes away after the first delta
+
+    async def main():
+        results = await asyncio.gather(collect([1, 2, 3], 7), collect(list(range(40)), 5),
+                                       cancelled())
+        with pytest.raises(ValueError, match="prompt is empty"):
+            async for _ in async_llm.generate([], SamplingParams()):
+                pass
+        await asyncio.sleep(0.2)
+        free = await asyncio.wrap_future(
+            async_llm.run(lambda eng: (eng.has_unfinished_requests(),
+                                       eng.block_manager.all_free())))
+        return results, free
+
+    (a, b, _), free = asyncio.run(main())
+    assert len(a) == 7 and len(b) == 5
+    assert free == (False, True)
