@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving layer for DeepSeek-V4: request mapping, output parsing, HTTP."""
