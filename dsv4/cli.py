@@ -27,53 +27,43 @@ def _resolve_model(model: str | None) -> Path:
 
 
 def _generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dsv4 generate", description="Complete prompts.")
-    p.add_argument("prompts", nargs="+", help="prompt text (one or more)")
+    p = argparse.ArgumentParser(prog="dsv4 generate", description="Complete prompts offline.")
+    p.add_argument("prompts", nargs="+", help="prompt text (one or more; batched together)")
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     p.add_argument("--no-emulate-quant", action="store_true",
                    help="turn off the reference's FP8/FP4 KV and indexer rounding")
     args = p.parse_args(argv)
-    if args.max_tokens < 1:
-        p.error("--max-tokens must be >= 1")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0")
 
-    import torch
+    from dsv4.llm import LLM
+    from dsv4.sampling_params import SamplingParams
 
-    from dsv4.model import load_model
-    from dsv4.tokenizer import Tokenizer
-
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    except ValueError as exc:
+        p.error(str(exc))
     path = _resolve_model(args.model)
-    model = load_model(path, device=args.device, emulate_quant=not args.no_emulate_quant)
-    tok = Tokenizer.from_pretrained(path)
-    device = model.embed.weight.device
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    for prompt in args.prompts:
-        ids = tok.encode(prompt)
-        if not ids:
-            p.error("empty prompt")
-        cache = model.new_cache()
-        start = time.perf_counter()
-        logits = model(torch.tensor([ids], device=device), cache)[:, -1]
-        out: list[int] = []
-        for _ in range(args.max_tokens):
-            if args.temperature > 0:
-                probs = (logits / args.temperature).softmax(-1)
-                nxt = int(torch.multinomial(probs, 1, generator=gen))
-            else:
-                nxt = int(logits.argmax(-1))
-            out.append(nxt)
-            if nxt == tok.eos_token_id:
-                break
-            logits = model(torch.tensor([[nxt]], device=device), cache)[:, -1]
-        elapsed = time.perf_counter() - start
-        print(f"{prompt!r} -> {tok.decode(out)!r}")
-        print(f"  [{len(ids)} prompt + {len(out)} generated tokens in {elapsed:.2f}s]",
-              file=sys.stderr)
+    llm = LLM(path, device=args.device, emulate_quant=not args.no_emulate_quant, progress=True,
+              max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
+    start = time.perf_counter()
+    try:
+        outputs = llm.generate(args.prompts, params, use_tqdm=len(args.prompts) > 1)
+    except ValueError as exc:
+        p.error(str(exc))
+    elapsed = time.perf_counter() - start
+    n_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    for out in outputs:
+        print(f"{out.prompt!r} -> {out.outputs[0].text!r}")
+    print(f"[{len(outputs)} prompts, {n_out} generated tokens in {elapsed:.2f}s]",
+          file=sys.stderr)
     return 0
 
 

@@ -90,9 +90,18 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
         for mod in model.modules():
             if isinstance(mod, Linear):
                 mod.densify(dtype)
-        for p in (model.embed.weight, model.head.weight):
-            p.data = p.data.to(dtype)
+        model.embed.weight.data = model.embed.weight.data.to(dtype)
+    _prepare_head(model)
     return model.eval()
+
+
+def _prepare_head(model: DeepseekV4ForCausalLM) -> None:
+    """Give the head the compute dtype once, laid out [dim, vocab] in memory (`weight` stays a
+    [vocab, dim] view). A one-row GEMV over 129,280 outputs runs ~2.5x faster on CPU from that
+    layout, and converting a bf16 head every step would cost more than the GEMV itself."""
+    w = model.head.weight
+    model.head.weight = torch.nn.Parameter(
+        w.data.to(model.compute_dtype).t().contiguous().t(), requires_grad=False)
 
 
 def _assign(model: torch.nn.Module, expected: dict[str, torch.Tensor], name: str,

@@ -1,0 +1,145 @@
+"""dsv4's engine vs transformers' DeepseekV4ForCausalLM, same random weights, one process.
+
+Tiny config with the real 129,280-token vocabulary: 6 layers (2 swa, 2 csa, 2 hca), hidden 256,
+8 heads x 64, 8 experts top-2; fp32 on CPU (bf16 on CUDA). Prints ratios dsv4 / transformers.
+
+    python benchmarks/engine_vs_transformers.py [--parts decode,batch,prefill,context]
+        [--device cpu|cuda] [--threads N] [--contexts 1024,8192,32768,131072] [--hf-max-context 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dsv4.config import ModelConfig
+from dsv4.llm import LLM
+from dsv4.model import write_checkpoint
+from dsv4.sampling_params import SamplingParams
+
+CONFIG = ModelConfig(
+    hidden_size=256, num_hidden_layers=6, num_attention_heads=8, head_dim=64,
+    qk_rope_head_dim=16, q_lora_rank=128, o_groups=2, o_lora_rank=64,
+    compress_ratios=(0, 0, 4, 128, 4, 128), index_n_heads=4, index_head_dim=32, index_topk=512,
+    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, num_hash_layers=1,
+    num_nextn_predict_layers=0, weight_dtype=None, expert_dtype=None, scale_fmt=None,
+)
+
+
+def now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, CONFIG.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+class Bench:
+    def __init__(self, path: Path, device: str) -> None:
+        import transformers
+
+        self.device = device
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        self.llm = LLM(path, device=device, dtype=dtype, emulate_quant=False,
+                       max_model_len=160_000, kv_cache_memory=2 << 30,
+                       max_num_batched_tokens=4096)
+        self.hf = transformers.DeepseekV4ForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        self.hf.eval()
+
+    def dsv4_generate(self, ps: list[list[int]], max_tokens: int) -> tuple[float, list]:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        t0 = now(self.device)
+        outs = self.llm.generate(prompt_token_ids=ps, sampling_params=params)
+        return now(self.device) - t0, outs
+
+    def hf_generate(self, p: list[int], max_tokens: int) -> tuple[float, list[int]]:
+        ids = torch.tensor([p], device=self.device)
+        t0 = now(self.device)
+        with torch.no_grad():
+            out = self.hf.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                   do_sample=False)
+        return now(self.device) - t0, out[0, len(p):].tolist()
+
+    def decode_rate(self, ctx: int, n: int, hf: bool) -> float:
+        """Decode tokens/s at `ctx`: (time(n tokens) - time(1 token)) / (n - 1)."""
+        p = prompts([ctx], seed=ctx)
+        if hf:
+            t1, _ = self.hf_generate(p[0], 1)
+            tn, _ = self.hf_generate(p[0], n)
+        else:
+            t1, _ = self.dsv4_generate(p, 1)
+            tn, _ = self.dsv4_generate(p, n)
+        return (n - 1) / max(tn - t1, 1e-9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="decode,batch,prefill,context")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--contexts", default="1024,8192,32768,131072")
+    ap.add_argument("--hf-max-context", type=int, default=8192)
+    ap.add_argument("--prefill-tokens", type=int, default=16384)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = set(args.parts.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(Path(tmp) / "ck", CONFIG, tokenizer=False, extra_config={
+            "layer_types": CONFIG.to_hf_dict()["layer_types"]})
+        b = Bench(path, args.device)
+        print(f"device={args.device} threads={torch.get_num_threads()} config: 6 layers "
+              f"(swa,swa,csa,hca,csa,hca), hidden 256, vocab {CONFIG.vocab_size}")
+        # warm-up and parity gate: same greedy tokens
+        p = prompts([200], seed=1)
+        _, ours = b.dsv4_generate(p, 8)
+        _, theirs = b.hf_generate(p[0], 8)
+        print(f"greedy parity (200-token prompt, 8 tokens): "
+              f"{'identical' if ours[0].outputs[0].token_ids == theirs else 'DIFFERENT'}")
+
+        if "decode" in parts:
+            ours = b.decode_rate(1024, 33, hf=False)
+            theirs = b.decode_rate(1024, 33, hf=True)
+            print(f"single-stream decode @1K: dsv4 {ours:.1f} tok/s, transformers "
+                  f"{theirs:.1f} tok/s -> {ours / theirs:.1f}x")
+        if "batch" in parts:
+            lengths = [16 + (i * 97) % 500 for i in range(32)]
+            ps = prompts(lengths, seed=2)
+            t_ours, outs = b.dsv4_generate(ps, 32)
+            n_ours = sum(len(o.outputs[0].token_ids) for o in outs)
+            t_theirs = sum(b.hf_generate(p_, 32)[0] for p_ in ps)
+            print(f"32 concurrent requests (prompts 16-511, 32 tokens each): dsv4 batched "
+                  f"{n_ours / t_ours:.1f} tok/s, transformers one by one "
+                  f"{32 * 32 / t_theirs:.1f} tok/s -> {(n_ours / t_ours) / (1024 / t_theirs):.1f}x")
+        if "prefill" in parts:
+            n = args.prefill_tokens
+            ps = prompts([n], seed=3)
+            t_ours, _ = b.dsv4_generate(ps, 1)
+            ids = torch.tensor(ps, device=args.device)
+            t0 = now(args.device)
+            with torch.no_grad():
+                b.hf(ids[:, :n], logits_to_keep=1)
+            t_theirs = now(args.device) - t0
+            print(f"prefill {n} tokens: dsv4 {n / t_ours:.0f} tok/s, transformers "
+                  f"{n / t_theirs:.0f} tok/s -> {t_theirs / t_ours:.1f}x")
+        if "context" in parts:
+            base = None
+            for ctx in [int(c) for c in args.contexts.split(",")]:
+                ms = 1000 / b.decode_rate(ctx, 17, hf=False)
+                base = base or ms
+                line = f"decode @{ctx}: dsv4 {ms:.1f} ms/token ({ms / base:.2f}x of first)"
+                if ctx <= args.hf_max_context:
+                    hf_ms = 1000 / b.decode_rate(ctx, 9, hf=True)
+                    line += f", transformers {hf_ms:.1f} ms/token -> {hf_ms / ms:.1f}x"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
