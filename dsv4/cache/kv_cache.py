@@ -158,3 +158,109 @@ class RequestView:
 
     def layer(self, layer: int) -> _LayerStore:
         return _LayerStore(self, layer)
+
+
+def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long,
+                        device=device)
+
+
+class DecodeGroup:
+    """R requests with one new token each in this step, served together (vectorized) by the
+    attention's DecodeRows path: per-row block tables padded into matrices, one state slot and
+    one position per row."""
+
+    def __init__(self, cache: KVCache, tables: list[dict[str, list[int]]],
+                 swa_offsets: list[int], slots: list[int], positions: list[int]) -> None:
+        dev = cache.device
+        self.cache, self.pos_list = cache, positions
+        self.positions = torch.tensor(positions, dtype=torch.long, device=dev)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        self.swa_offsets = torch.tensor(swa_offsets, dtype=torch.long, device=dev)
+        self.tables = {k: _padded([t[k] for t in tables], dev) for k in tables[0]}
+        self.rows = torch.arange(len(positions), device=dev)
+
+    def layer(self, layer: int) -> _BatchedLayerStore:
+        return _BatchedLayerStore(self, layer)
+
+
+class _BatchedLayerStore:
+    def __init__(self, group: DecodeGroup, layer: int) -> None:
+        self.group, cache = group, group.cache
+        self.window_flat = cache.swa[layer].view(-1, cache.swa.shape[-1])
+        kind, k = cache.config.layer_kinds[layer], cache.kind_index[layer]
+        self.compressor = self.indexer = None
+        if kind == "csa":
+            self.compressor = _BatchedCompressorStore(group, "csa", k, 4)
+            self.indexer = _BatchedCompressorStore(group, "csa_index", k, 4)
+        elif kind == "hca":
+            self.compressor = _BatchedCompressorStore(group, "hca", k, cache.config.hca_ratio)
+
+    def window(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each row's new window entry; return its window [R, W, D] (oldest first, the
+        new token last) and which of those positions exist [R, W]."""
+        g, bs = self.group, self.group.cache.block_size
+        w = self.group.cache.config.sliding_window
+        pos = g.positions.unsqueeze(1) + torch.arange(1 - w, 1, device=kv.device)  # [R, W]
+        valid = pos >= 0
+        pos = pos.clamp_min(0)
+        block = (pos // bs - g.swa_offsets.unsqueeze(1)).clamp_min(0)
+        slots = g.tables["swa"].gather(1, block) * bs + pos % bs
+        self.window_flat[slots[:, -1]] = kv.to(self.window_flat.dtype)
+        keys = self.window_flat[slots[:, :-1]]
+        return torch.cat([keys.to(kv.dtype), kv.unsqueeze(1)], dim=1), valid
+
+
+class _BatchedCompressorStore:
+    def __init__(self, group: DecodeGroup, key: str, layer: int, ratio: int) -> None:
+        self.group, self.ratio, self.overlap = group, ratio, ratio == 4
+        kv_state, score_state = group.cache.states[key]
+        self.kv, self.score = kv_state[layer], score_state[layer]  # [slots, rows, width]
+        storage = group.cache.entries[key][layer]
+        self.per_block = storage.shape[1]
+        self.flat = storage.view(-1, storage.shape[-1])
+        self.table = group.tables["csa" if key.startswith("csa") else "hca"]
+        self.counts = [(p + 1) // ratio for p in group.pos_list]  # entries after this token
+        self.num_entries = max(self.counts)
+
+    def write_token(self, kv: torch.Tensor, score: torch.Tensor) -> None:
+        g = self.group
+        row = g.positions % self.ratio + (self.ratio if self.overlap else 0)
+        self.kv[g.slots, row] = kv
+        self.score[g.slots, row] = score
+
+    def completing_rows(self) -> torch.Tensor | None:
+        done = [r for r, p in enumerate(self.group.pos_list) if (p + 1) % self.ratio == 0]
+        return torch.tensor(done, dtype=torch.long, device=self.kv.device) if done else None
+
+    def completed_windows(self, done: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[R_done, slots, D] kv and scores of the windows completed by this token."""
+        slots, m = self.group.slots[done], self.ratio
+        kv, score = self.kv[slots], self.score[slots]  # [R_done, rows, width]
+        if not self.overlap:
+            return kv, score
+        first = (self.group.positions[done] + 1 == m).view(-1, 1, 1)  # no previous window
+        prev_kv = kv[:, :m, :dim].masked_fill(first, 0.0)
+        prev_score = score[:, :m, :dim].masked_fill(first, float("-inf"))
+        return (torch.cat([prev_kv, kv[:, m:, dim:]], dim=1),
+                torch.cat([prev_score, score[:, m:, dim:]], dim=1))
+
+    def append_completed(self, done: torch.Tensor, entries: torch.Tensor) -> None:
+        ids = (self.group.positions[done] + 1) // self.ratio - 1
+        table = self.table[done]
+        slots = table.gather(1, (ids // self.per_block).unsqueeze(1))[:, 0] * self.per_block
+        self.flat[slots + ids % self.per_block] = entries.to(self.flat.dtype)
+        if self.overlap:  # the completed window becomes the previous one
+            s, m = self.group.slots[done], self.ratio
+            self.kv[s, :m] = self.kv[s, m:]
+            self.score[s, :m] = self.score[s, m:]
+
+    def entry_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(storage [1, S, D], slots [R, E]) with -1 for entries a row does not have yet."""
+        dev = self.flat.device
+        ids = torch.arange(self.num_entries, device=dev)
+        counts = torch.tensor(self.counts, dtype=torch.long, device=dev)
+        blocks = (ids // self.per_block).clamp_max(self.table.shape[1] - 1)
+        slots = self.table[:, blocks] * self.per_block + ids % self.per_block
+        return self.flat.unsqueeze(0), slots.masked_fill(ids >= counts.unsqueeze(1), -1)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from dsv4.cache.block_manager import BlockManager
-from dsv4.cache.kv_cache import KVCache, RequestView
+from dsv4.cache.kv_cache import DecodeGroup, KVCache, RequestView
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
-from dsv4.model.attention import Segment
+from dsv4.model.attention import DecodeRows, Segment
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
 __all__ = ["ModelRunner"]
@@ -38,16 +38,34 @@ class ModelRunner:
         flat = [t for ids in batch.token_ids for t in ids]
         input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
         views, bounds, begin = [], [], 0
+        single: list[int] = []  # rows with one token: attended together (DecodeRows)
+        starts: list[int] = []  # their token's place on the flat axis
         for i in range(batch.num_reqs):
-            tables = {k: batch.block_tables[k][i] for k in batch.block_tables}
-            views.append(RequestView(self.kv_cache, tables, batch.swa_block_offsets[i],
-                                     batch.state_slots[i], batch.num_computed_tokens[i]))
-            end = begin + len(batch.token_ids[i])
-            bounds.append((begin, end))
-            begin = end
+            n = len(batch.token_ids[i])
+            if n == 1:
+                single.append(i)
+                starts.append(begin)
+            else:
+                tables = {k: batch.block_tables[k][i] for k in batch.block_tables}
+                views.append(RequestView(self.kv_cache, tables, batch.swa_block_offsets[i],
+                                         batch.state_slots[i], batch.num_computed_tokens[i]))
+                bounds.append((begin, begin + n))
+            begin += n
+        group = rows = None
+        if single:
+            rows = torch.tensor(starts, dtype=torch.long, device=self.device)
+            group = DecodeGroup(
+                self.kv_cache, [{k: batch.block_tables[k][i] for k in batch.block_tables}
+                                for i in single],
+                [batch.swa_block_offsets[i] for i in single], [batch.state_slots[i] for i in single],
+                [batch.num_computed_tokens[i] for i in single])
 
-        def layer_segments(layer: int) -> list[Segment]:
-            return [Segment(b, e, v.start_pos, v.layer(layer)) for (b, e), v in zip(bounds, views)]
+        def layer_segments(layer: int) -> list[Segment | DecodeRows]:
+            segs: list[Segment | DecodeRows] = [
+                Segment(b, e, v.start_pos, v.layer(layer)) for (b, e), v in zip(bounds, views)]
+            if group is not None:
+                segs.append(DecodeRows(rows, group.positions, group.layer(layer)))
+            return segs
 
         h = self.model.run_layers(input_ids, layer_segments)
         rows = batch.sample_indices

@@ -24,7 +24,7 @@ from dsv4.model.linear import Linear
 from dsv4.model.quant import fake_quant_fp8
 from dsv4.model.sequence_cache import LayerState
 
-__all__ = ["Attention", "Segment", "sparse_attention", "gather_rows"]
+__all__ = ["Attention", "Segment", "DecodeRows", "sparse_attention", "gather_rows"]
 
 # cap on gathered keys per query chunk (elements of [B, T, K, D]) to bound prefill memory
 _GATHER_BUDGET = 1 << 25
@@ -41,8 +41,21 @@ class Segment:
     store: Any
 
 
+@dataclass
+class DecodeRows:
+    """R sequences with exactly one new token each, attended together (the engine's decode
+    rows): `index` [R] are their tokens on the flattened step axis, `positions` [R] their
+    absolute positions, `store` a batched cache store (dsv4.cache.kv_cache.DecodeGroup)."""
+
+    index: torch.Tensor
+    positions: torch.Tensor
+    store: Any
+
+
 def gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """kv [B, L, D], idx [B or 1, T, K] (-1 allowed) -> [B, T, K, D] (rows for -1 are junk)."""
+    """kv [B or 1, L, D], idx [B or 1, T, K] (-1 allowed) -> [B, T, K, D] (junk rows for -1)."""
+    if kv.shape[0] == 1 and idx.shape[0] > 1:  # one shared pool, per-row indices
+        return kv[0][idx.clamp_min(0)]
     b, _, d = kv.shape
     idx = idx.expand(b, -1, -1)
     t, k = idx.shape[1:]
@@ -59,7 +72,7 @@ def sparse_attention(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Te
     q [B, T, H, D]; each source is (kv [B, L, D], idx [B or 1, T, K]) with -1 = no key.
     """
     keys = torch.cat([gather_rows(kv, idx) for kv, idx in sources], dim=2)  # [B, T, K, D]
-    valid = torch.cat([(idx >= 0).expand(q.shape[0], -1, -1) for _, idx in sources], dim=2)
+    valid = torch.cat([(idx >= 0).expand(keys.shape[0], -1, -1) for _, idx in sources], dim=2)
     logits = torch.einsum("bthd,btkd->bthk", q.float(), keys.float()) * scale
     logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
     sink = sink.float().view(1, 1, -1, 1)
@@ -93,7 +106,7 @@ class Attention(nn.Module):
         self.indexer = Indexer(config, self.rope, fmt) if ratio == 4 else None
         self.emulate_quant = True
 
-    def forward(self, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: list[Segment | DecodeRows]) -> torch.Tensor:
         """x [B, T, dim] (normed) -> [B, T, dim].
 
         `segments` split the T axis into runs of consecutive positions of one sequence (batch
@@ -107,8 +120,11 @@ class Attention(nn.Module):
         t = x.shape[1]
         positions = torch.empty(t, dtype=torch.long, device=x.device)
         for seg in segments:
-            positions[seg.begin:seg.end] = torch.arange(
-                seg.start_pos, seg.start_pos + seg.end - seg.begin, device=x.device)
+            if isinstance(seg, DecodeRows):
+                positions[seg.index] = seg.positions
+            else:
+                positions[seg.begin:seg.end] = torch.arange(
+                    seg.start_pos, seg.start_pos + seg.end - seg.begin, device=x.device)
         cos, sin = self.rope(positions)
         q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
         kv = apply_rope(kv, cos, sin)
@@ -117,6 +133,11 @@ class Attention(nn.Module):
             kv = torch.cat([fake_quant_fp8(kv[..., :nope]), kv[..., nope:]], dim=-1)
         o = torch.empty_like(q)
         for seg in segments:
+            if isinstance(seg, DecodeRows):
+                i = seg.index
+                o[0, i] = self._attend_rows(x[0, i], q[0, i], q_lora[0, i], kv[0, i],
+                                            seg.positions, seg.store)
+                continue
             sl = slice(seg.begin, seg.end)
             o[:, sl] = self._attend(x[:, sl], q[:, sl], q_lora[:, sl], kv[:, sl],
                                     positions[sl], seg.start_pos, seg.store)
@@ -157,7 +178,7 @@ class Attention(nn.Module):
             if n_entries:
                 pos = positions[s:e]
                 if self.indexer is not None:
-                    idx = self.indexer.select(x[:, s:e], q_lora[:, s:e], pos, keys)
+                    idx = self.indexer.select(x[:, s:e], q_lora[:, s:e], pos[None], keys)
                 else:
                     ids = torch.arange(n_entries, device=x.device)
                     idx = ids.expand(e - s, -1).masked_fill(
@@ -166,6 +187,29 @@ class Attention(nn.Module):
                 sources.append((storage, slot_idx))
             outs.append(sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def _attend_rows(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor,
+                     kv: torch.Tensor, positions: torch.Tensor, store: Any) -> torch.Tensor:
+        """R single-token sequences at once (x [R, dim], q [R, H, D], kv [R, D]) -> [R, H, D]."""
+        win_keys, win_valid = store.window(kv)  # [R, W, D], [R, W]
+        win_idx = torch.arange(win_keys.shape[1], device=x.device).expand_as(win_valid)
+        sources = [(win_keys, win_idx.masked_fill(~win_valid, -1).unsqueeze(1))]
+        if self.compressor is not None:
+            self.compressor.decode_step(x, positions, store.compressor)
+            if self.indexer is not None:
+                self.indexer.compressor.decode_step(x, positions, store.indexer)
+            if store.compressor.num_entries:
+                storage, slots = store.compressor.entry_slots()  # [1, S, D], [R, E] (-1: none)
+                if self.indexer is not None:
+                    key_storage, key_slots = store.indexer.entry_slots()
+                    keys = key_storage[0][key_slots.clamp_min(0)]  # [R, E, D_index]
+                    ids = self.indexer.select(x[:, None], q_lora[:, None], positions[:, None],
+                                              keys)[:, 0]  # [R, k]
+                    slot_idx = torch.where(ids >= 0, slots.gather(1, ids.clamp_min(0)), -1)
+                else:
+                    slot_idx = slots
+                sources.append((storage, slot_idx.unsqueeze(1)))
+        return sparse_attention(q.unsqueeze(1), sources, self.attn_sink, self.scale)[:, 0]
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
         g = self.config.o_groups

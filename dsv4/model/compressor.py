@@ -9,6 +9,8 @@ Works on any chunking: tokens of an unfinished window wait in the CompressorStat
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -66,9 +68,33 @@ class Compressor(nn.Module):
             state.set_previous(kv[:, -1], score[:, -1])
             kv = self._overlap(kv, None if prev is None else prev[0], 0.0)
             score = self._overlap(score, None if prev is None else prev[1], float("-inf"))
-        pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B, n_win, D]
-        entries = self.norm(pooled.to(x.dtype))
         pos = (first_window + torch.arange(n_win, device=x.device)) * m
+        state.append(self._finish(kv, score, pos, x.dtype))
+
+    def decode_step(self, x: torch.Tensor, positions: torch.Tensor, state: Any) -> None:
+        """One new token for each of R sequences: x [R, dim] at positions [R] (any mix).
+
+        `state` is a batched store (dsv4.cache.kv_cache): write_token puts the token into its
+        sequence's unfinished window; windows that complete here are pooled from
+        completed_windows() (already in the [R_done, slots, D] layout of _overlap) and appended.
+        """
+        m = self.ratio
+        xf = x.float()
+        score = self.wgate(xf) + self.ape[positions % m]
+        state.write_token(self.wkv(xf), score)
+        done = state.completing_rows()
+        if done is None:
+            return
+        kv, score = state.completed_windows(done, self.head_dim)
+        starts = positions[done] + 1 - m
+        state.append_completed(done, self._finish(kv.unsqueeze(1), score.unsqueeze(1),
+                                                  starts.unsqueeze(1), x.dtype).squeeze(1))
+
+    def _finish(self, kv: torch.Tensor, score: torch.Tensor, pos: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        """Pool [..., slots, D] windows, then norm, RoPE at the window start, QAT rounding."""
+        pooled = (kv * score.softmax(dim=-2)).sum(dim=-2)  # [..., D]
+        entries = self.norm(pooled.to(dtype))
         cos, sin = self.rope(pos)
         entries = apply_rope(entries, cos, sin)
         if self.emulate_quant:
@@ -77,7 +103,7 @@ class Compressor(nn.Module):
             else:
                 nope = self.head_dim - self.rope_dim
                 entries = torch.cat([fake_quant_fp8(entries[..., :nope]), entries[..., nope:]], -1)
-        state.append(entries)
+        return entries
 
     def _overlap(self, t: torch.Tensor, prev: torch.Tensor | None, fill: float) -> torch.Tensor:
         """[B, n, m, 2D] -> [B, n, 2m, D]: A-halves of the previous window, then own B-halves."""

@@ -49,20 +49,20 @@ class Indexer(nn.Module):
         self.compressor(x, start_pos, state)
 
     def select(self, x: torch.Tensor, q_lora: torch.Tensor, positions: torch.Tensor,
-               keys: torch.Tensor) -> torch.Tensor:
+               keys: torch.Tensor, num_keys: torch.Tensor | None = None) -> torch.Tensor:
         """Pick compressed entries for each query.
 
-        x [B, T, dim] (normed layer input), q_lora [B, T, q_lora_rank], positions [T],
+        x [B, T, dim] (normed layer input), q_lora [B, T, q_lora_rank], positions [B or 1, T],
         keys [B, E, index_head_dim]; returns [B, T, min(k, E)] entry ids, -1 = none.
         """
         q = self.wq_b(q_lora).unflatten(-1, (self.n_heads, self.head_dim))
         cos, sin = self.rope(positions)
-        q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
         if self.emulate_quant:
             q = fake_quant_fp4(hadamard(q))
         weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
         logits = torch.einsum("bthd,bed->bthe", q.float(), keys.float())
         scores = (logits.relu() * weights.unsqueeze(-1)).sum(dim=2)  # [B, T, E]
         entry = torch.arange(keys.shape[1], device=x.device)
-        visible = entry < ((positions + 1) // 4).unsqueeze(-1)  # [T, E]
+        visible = entry < ((positions + 1) // 4).unsqueeze(-1)  # [B or 1, T, E]
         return select_topk(scores, visible.expand_as(scores), self.topk)
