@@ -11,7 +11,7 @@ Attention reads keys through index lists (gather), never a dense mask over the w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -24,7 +24,8 @@ from dsv4.model.linear import Linear
 from dsv4.model.quant import fake_quant_fp8
 from dsv4.model.sequence_cache import LayerState
 
-__all__ = ["Attention", "Segment", "DecodeRows", "sparse_attention", "gather_rows"]
+__all__ = ["Attention", "Segment", "DecodeRows", "Gathered", "Shared", "sparse_attention",
+           "gather_rows"]
 
 # cap on gathered keys per query chunk (elements of [B, T, K, D]) to bound prefill memory
 _GATHER_BUDGET = 1 << 25
@@ -65,21 +66,53 @@ def gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return kv.gather(1, flat).view(b, t, k, d)
 
 
-def sparse_attention(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Tensor]],
-                     sink: torch.Tensor, scale: float) -> torch.Tensor:
-    """One softmax over keys gathered from several sources, plus a value-less sink logit.
+class Gathered(NamedTuple):
+    """Keys picked per query: kv [B or 1, L, D], idx [B or 1, T, K] (-1 = no key)."""
 
-    q [B, T, H, D]; each source is (kv [B, L, D], idx [B or 1, T, K]) with -1 = no key.
-    """
-    keys = torch.cat([gather_rows(kv, idx) for kv, idx in sources], dim=2)  # [B, T, K, D]
-    valid = torch.cat([(idx >= 0).expand(keys.shape[0], -1, -1) for _, idx in sources], dim=2)
-    logits = torch.einsum("bthd,btkd->bthk", q.float(), keys.float()) * scale
-    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    kv: torch.Tensor
+    idx: torch.Tensor
+
+
+class Shared(NamedTuple):
+    """Keys shared by all queries of a row, masked per query: keys [B, K, D],
+    visible [B or 1, T, K]. No gather per query: the cheap form for windows and dense parts."""
+
+    keys: torch.Tensor
+    visible: torch.Tensor
+
+
+def sparse_attention(q: torch.Tensor, sources: list[Gathered | Shared], sink: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One softmax over the keys of all sources plus a value-less sink logit (K = V).
+
+    q [B, T, H, D] -> [B, T, H, D]."""
+    qf = q.float()
+    values, logits = [], []
+    for src in sources:
+        if isinstance(src, Shared):
+            keys = src.keys.float()
+            part = torch.einsum("bthd,bkd->bthk", qf, keys)
+            valid = src.visible
+        else:
+            keys = gather_rows(src.kv, src.idx).float()  # [B, T, K, D]
+            part = torch.einsum("bthd,btkd->bthk", qf, keys)
+            valid = src.idx >= 0
+        logits.append(part.masked_fill(~valid.unsqueeze(2), float("-inf")) * scale)
+        values.append(keys)
+    logit = torch.cat(logits, dim=-1) if len(logits) > 1 else logits[0]
     sink = sink.float().view(1, 1, -1, 1)
-    top = torch.maximum(logits.amax(-1, keepdim=True), sink)
-    weights = (logits - top).exp()
+    top = torch.maximum(logit.amax(-1, keepdim=True), sink)
+    weights = (logit - top).exp()
     weights = weights / (weights.sum(-1, keepdim=True) + (sink - top).exp())
-    return torch.einsum("bthk,btkd->bthd", weights, keys.float()).to(q.dtype)
+    out, start = None, 0
+    for keys in values:
+        k = keys.shape[-2]
+        w = weights[..., start:start + k]
+        start += k
+        part = (torch.einsum("bthk,bkd->bthd", w, keys) if keys.dim() == 3
+                else torch.einsum("bthk,btkd->bthd", w, keys))
+        out = part if out is None else out + part
+    return out.to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -153,9 +186,6 @@ class Attention(nn.Module):
         history = store.window_history(hist)
         store.save_window(kv, history)
         win_kv = kv if history is None else torch.cat([history, kv], dim=1)
-        offs = torch.arange(self.window, device=x.device) - (self.window - 1)
-        win_idx = torch.arange(t, device=x.device).unsqueeze(1) + hist + offs  # [T, W]
-        win_idx = win_idx.masked_fill(win_idx < 0, -1).unsqueeze(0)
 
         n_entries = 0
         if self.compressor is not None:
@@ -163,28 +193,35 @@ class Attention(nn.Module):
             if self.indexer is not None:
                 self.indexer.update_keys(x, start_pos, store.indexer)
             n_entries = (start_pos + t) // self.ratio
-            if n_entries:
-                storage, slots = store.compressor.entry_slots(n_entries)
-                if self.indexer is not None:
-                    key_storage, key_slots = store.indexer.entry_slots(n_entries)
-                    keys = key_storage[:, key_slots]
-        per_query = self.window + (min(n_entries, self.config.index_topk)
-                                   if self.indexer is not None else n_entries)
-        step = max(1, _GATHER_BUDGET // max(1, b * per_query * self.head_dim))
+        dense = None  # all entries, when every visible one is attended (hca, or csa below top-k)
+        if n_entries:
+            storage, slots = store.compressor.entry_slots(n_entries)
+            if self.indexer is None or n_entries <= self.config.index_topk:
+                dense = storage[:, slots]  # [B, E, D]
+            else:
+                key_storage, key_slots = store.indexer.entry_slots(n_entries)
+                keys = key_storage[:, key_slots]
+        ids = torch.arange(n_entries, device=x.device)
         outs = []
+        step = self.window  # queries per chunk; each sees at most 2 * window - 1 window keys
+        if dense is None and n_entries:
+            step = max(1, min(step, _GATHER_BUDGET // (b * self.config.index_topk * self.head_dim)))
         for s in range(0, t, step):
             e = min(t, s + step)
-            sources = [(win_kv, win_idx[:, s:e])]
+            lo, hi = max(0, s + hist - self.window + 1), e + hist
+            query = torch.arange(s + hist, e + hist, device=x.device).unsqueeze(1)
+            key = torch.arange(lo, hi, device=x.device)
+            band = (key <= query) & (key > query - self.window)  # [T_c, K]
+            sources: list[Gathered | Shared] = [Shared(win_kv[:, lo:hi], band.unsqueeze(0))]
             if n_entries:
                 pos = positions[s:e]
-                if self.indexer is not None:
-                    idx = self.indexer.select(x[:, s:e], q_lora[:, s:e], pos[None], keys)
+                visible = ids < ((pos + 1) // self.ratio).unsqueeze(-1)  # [T_c, E]
+                if dense is not None:
+                    sources.append(Shared(dense, visible.unsqueeze(0)))
                 else:
-                    ids = torch.arange(n_entries, device=x.device)
-                    idx = ids.expand(e - s, -1).masked_fill(
-                        ids >= ((pos + 1) // self.ratio).unsqueeze(-1), -1).unsqueeze(0)
-                slot_idx = torch.where(idx >= 0, slots[idx.clamp_min(0)], idx)
-                sources.append((storage, slot_idx))
+                    idx = self.indexer.select(x[:, s:e], q_lora[:, s:e], pos[None], keys)
+                    sources.append(Gathered(storage, torch.where(idx >= 0, slots[idx.clamp_min(0)],
+                                                                 idx)))
             outs.append(sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
@@ -192,23 +229,24 @@ class Attention(nn.Module):
                      kv: torch.Tensor, positions: torch.Tensor, store: Any) -> torch.Tensor:
         """R single-token sequences at once (x [R, dim], q [R, H, D], kv [R, D]) -> [R, H, D]."""
         win_keys, win_valid = store.window(kv)  # [R, W, D], [R, W]
-        win_idx = torch.arange(win_keys.shape[1], device=x.device).expand_as(win_valid)
-        sources = [(win_keys, win_idx.masked_fill(~win_valid, -1).unsqueeze(1))]
+        sources: list[Gathered | Shared] = [Shared(win_keys, win_valid.unsqueeze(1))]
         if self.compressor is not None:
             self.compressor.decode_step(x, positions, store.compressor)
             if self.indexer is not None:
                 self.indexer.compressor.decode_step(x, positions, store.indexer)
-            if store.compressor.num_entries:
+            n_entries = store.compressor.num_entries
+            if n_entries:
                 storage, slots = store.compressor.entry_slots()  # [1, S, D], [R, E] (-1: none)
-                if self.indexer is not None:
+                if self.indexer is None or n_entries <= self.config.index_topk:
+                    dense = storage[0][slots.clamp_min(0)]  # [R, E, D]
+                    sources.append(Shared(dense, (slots >= 0).unsqueeze(1)))
+                else:
                     key_storage, key_slots = store.indexer.entry_slots()
                     keys = key_storage[0][key_slots.clamp_min(0)]  # [R, E, D_index]
                     ids = self.indexer.select(x[:, None], q_lora[:, None], positions[:, None],
                                               keys)[:, 0]  # [R, k]
                     slot_idx = torch.where(ids >= 0, slots.gather(1, ids.clamp_min(0)), -1)
-                else:
-                    slot_idx = slots
-                sources.append((storage, slot_idx.unsqueeze(1)))
+                    sources.append(Gathered(storage, slot_idx.unsqueeze(1)))
         return sparse_attention(q.unsqueeze(1), sources, self.attn_sink, self.scale)[:, 0]
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:

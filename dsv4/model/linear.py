@@ -57,10 +57,9 @@ class Linear(nn.Module):
 
     def densify(self, dtype: torch.dtype) -> None:
         """Expand the weight once to `dtype` (the load-time `dtype=` option)."""
-        if self.fmt != "dense":
-            self.weight = nn.Parameter(self.dense_weight(dtype), requires_grad=False)
-            self.scale = None
-            self.fmt = "dense"
+        self.weight = nn.Parameter(self.dense_weight(dtype), requires_grad=False)
+        self.scale = None
+        self.fmt = "dense"
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.fmt}"

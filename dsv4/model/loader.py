@@ -53,7 +53,9 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
 
     device: "cpu" (fp32 compute) or "cuda" (bf16 compute); default: cuda when available.
     dtype: expand every weight to this dtype at load (more memory, no per-matmul dequant);
-    None keeps FP8/FP4/BF16 as stored. emulate_quant: the reference's FP8/FP4 KV rounding.
+    None keeps FP8/FP4 weights and the embedding as stored, and casts the unquantized
+    projections and the head to the compute dtype once. emulate_quant: the reference's
+    FP8/FP4 KV and indexer rounding.
     """
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
@@ -86,10 +88,13 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
                               + (" ..." if len(missing) > 8 else ""))
     compute = torch.float32 if device.type == "cpu" else torch.bfloat16
     model.compute_dtype = dtype or compute
-    if dtype is not None:
-        for mod in model.modules():
-            if isinstance(mod, Linear):
+    for mod in model.modules():
+        if isinstance(mod, Linear):
+            if dtype is not None:
                 mod.densify(dtype)
+            elif mod.fmt == "dense":  # small bf16 projections: cast once, not per matmul
+                mod.weight.data = mod.weight.data.to(model.compute_dtype)
+    if dtype is not None:
         model.embed.weight.data = model.embed.weight.data.to(dtype)
     _prepare_head(model)
     return model.eval()
