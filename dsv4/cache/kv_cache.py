@@ -17,6 +17,8 @@ lives in BlockManager; this module only stores and gathers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from dsv4.cache.block_manager import BlockManager
@@ -59,6 +61,19 @@ class KVCache:
             self.entries["hca"] = zeros(n, blocks, bs // r, d)
             self.states["hca"] = (zeros(n, slots, r, d, dt=torch.float32),
                                   zeros(n, slots, r, d, dt=torch.float32))
+
+    def window_flat(self, layer: int) -> torch.Tensor:
+        return self.swa[layer].view(-1, self.swa.shape[-1])
+
+    def compressor_stores(self, layer: int, owner: Any, store: type) -> tuple[Any, Any]:
+        """(main, indexer) compressor stores of `layer` built as store(owner, key, index, ratio);
+        None where the layer has none."""
+        kind, k = self.config.layer_kinds[layer], self.kind_index[layer]
+        if kind == "csa":
+            return store(owner, "csa", k, 4), store(owner, "csa_index", k, 4)
+        if kind == "hca":
+            return store(owner, "hca", k, self.config.hca_ratio), None
+        return None, None
 
     def memory_bytes(self) -> int:
         tensors = [self.swa, *self.entries.values()]
@@ -119,16 +134,8 @@ class _LayerStore:
 
     def __init__(self, view: RequestView, layer: int) -> None:
         self.view, self.layer = view, layer
-        cache = view.cache
-        self.window_flat = cache.swa[layer].view(-1, cache.swa.shape[-1])
-        kind = cache.config.layer_kinds[layer]
-        k = cache.kind_index[layer]
-        self.compressor = self.indexer = None
-        if kind == "csa":
-            self.compressor = _CompressorStore(view, "csa", k, 4)
-            self.indexer = _CompressorStore(view, "csa_index", k, 4)
-        elif kind == "hca":
-            self.compressor = _CompressorStore(view, "hca", k, cache.config.hca_ratio)
+        self.window_flat = view.cache.window_flat(layer)
+        self.compressor, self.indexer = view.cache.compressor_stores(layer, view, _CompressorStore)
 
     def _window_slots(self, begin: int, end: int) -> torch.Tensor:
         bs = self.view.cache.block_size
@@ -187,15 +194,10 @@ class DecodeGroup:
 
 class _BatchedLayerStore:
     def __init__(self, group: DecodeGroup, layer: int) -> None:
-        self.group, cache = group, group.cache
-        self.window_flat = cache.swa[layer].view(-1, cache.swa.shape[-1])
-        kind, k = cache.config.layer_kinds[layer], cache.kind_index[layer]
-        self.compressor = self.indexer = None
-        if kind == "csa":
-            self.compressor = _BatchedCompressorStore(group, "csa", k, 4)
-            self.indexer = _BatchedCompressorStore(group, "csa_index", k, 4)
-        elif kind == "hca":
-            self.compressor = _BatchedCompressorStore(group, "hca", k, cache.config.hca_ratio)
+        self.group = group
+        self.window_flat = group.cache.window_flat(layer)
+        self.compressor, self.indexer = group.cache.compressor_stores(
+            layer, group, _BatchedCompressorStore)
 
     def window(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store each row's new window entry; return its window [R, W, D] (oldest first, the
