@@ -4,7 +4,7 @@ One background thread owns the engine and is the only one that touches it: reque
 text-level stops arrive through a command queue and are applied between steps, so the engine
 needs no locks. `generate()` is an async iterator of EngineOutput deltas; cancelling it (a client
 that went away) aborts the request, which frees its cache blocks before the next step. A failing
-step fails the requests of that step with the error; the loop keeps serving the rest.
+step fails (and aborts) the requests of that step only; the loop keeps serving the rest.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
-from dsv4.engine.llm_engine import EngineOutput, LLMEngine
+from dsv4.engine.llm_engine import EngineOutput, LLMEngine, StepError
 from dsv4.sampling_params import SamplingParams
 
 __all__ = ["AsyncLLM", "EngineDeadError"]
@@ -84,8 +84,14 @@ class AsyncLLM:
         self._submit(lambda: self.engine.abort_request(request_id))
 
     def finish(self, request_id: str, index: int, stop_reason: str) -> None:
-        """End one completion early (a stop string matched in the text layer)."""
-        self._submit(lambda: self.engine.finish_request(request_id, index, stop_reason))
+        """End one completion early (a stop string matched in the text layer); its stream
+        gets a final finished output."""
+
+        def finish() -> None:
+            for out in self.engine.finish_request(request_id, index, stop_reason):
+                self._deliver(out.request_id, out)
+
+        self._submit(finish)
 
     def run(self, fn: Callable[[LLMEngine], object]) -> Future:
         """Run fn(engine) on the engine thread between steps (stats, tests)."""
@@ -125,8 +131,13 @@ class AsyncLLM:
                 continue  # drain all pending commands before the next step
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+            except StepError as exc:  # that step's requests were aborted by the engine
                 logger.exception("engine step failed; failing its requests")
+                for rid in exc.request_ids:
+                    self._deliver(rid, RuntimeError(str(exc)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - outside a step: fail everything open
+                logger.exception("engine failed outside a step; failing all requests")
                 self._fail_all(exc)
                 continue
             for out in outputs:

@@ -1,4 +1,4 @@
-"""`dsv4` command line: generate | analyze.
+"""`dsv4` command line: generate | serve | analyze.
 
 Every command defaults to the embedded demo model (tiny, random weights, built on first use), so
 it runs with no download and no GPU. Subcommands parse their own flags and import lazily.
@@ -15,7 +15,7 @@ __all__ = ["main"]
 
 
 def _resolve_model(model: str | None) -> Path:
-    from dsv4.model.default import default_model_path, is_demo
+    from dsv4.demo import default_model_path, is_demo
 
     path = Path(model) if model else default_model_path()
     if not (path / "config.json").is_file():
@@ -67,13 +67,19 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    from dsv4.server.launch import main as serve_main
+
+    return serve_main(argv)
+
+
 def _analyze(argv: list[str]) -> int:
     from dsv4.analysis.cli import main as analyze_main
 
     return analyze_main(argv)
 
 
-COMMANDS = {"generate": _generate, "analyze": _analyze}
+COMMANDS = {"generate": _generate, "serve": _serve, "analyze": _analyze}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         names = " | ".join(COMMANDS)
         print(f"usage: dsv4 {{{names}}} [options]\n\n"
               "  generate  complete prompts with a V4 checkpoint (default: embedded demo model)\n"
+              "  serve     OpenAI-compatible server (default: embedded demo model)\n"
               "  analyze   per-token FLOPs and KV-cache bytes of V4 vs V3/V3.2\n\n"
               "Run `dsv4 COMMAND --help` for the options of one command.")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -54,7 +54,7 @@ class LLM:
                  dtype: torch.dtype | None = None, emulate_quant: bool = True,
                  progress: bool = False, **engine_args: Any) -> None:
         if model is None:
-            from dsv4.model.default import default_model_path
+            from dsv4.demo import default_model_path
 
             model = default_model_path()
         self.engine = LLMEngine.from_pretrained(model, device=device, dtype=dtype,

