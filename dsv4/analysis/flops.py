@@ -72,8 +72,9 @@ def v4_layer_flops(cfg: ModelConfig, layer_id: int, context: int) -> dict[str, i
     if kind == "csa":
         entries = seen // ratio
         keys += min(cfg.index_topk, entries)
-        _add(out, "indexer.proj", dq * ni * ci + d * ni)
-        _add(out, "indexer.scores", ni * ci * entries)
+        if entries > cfg.index_topk:  # below that the top-k is every visible entry: no scoring
+            _add(out, "indexer.proj", dq * ni * ci + d * ni)
+            _add(out, "indexer.scores", ni * ci * entries)
         # main compressor (overlap: 2 x 512 wide) and the indexer's own (2 x 128), wkv + wgate
         _add(out, "compressor", 2 * (2 * c) * d + 2 * (2 * ci) * d)
     elif kind == "hca":

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dsv4.analysis.baselines import MLAConfig
 from dsv4.analysis.flops import AnyConfig
+from dsv4.cache.spec import entry_bytes as v4_entry_bytes
+from dsv4.cache.spec import index_entry_bytes, state_bytes
 from dsv4.config import ModelConfig
 
 __all__ = [
@@ -43,15 +45,9 @@ def entry_bytes(cfg: AnyConfig, fmt: str, index_keys: str = "fp4") -> tuple[int,
             return 2 * (lat + rope), 2 * ci
         # e4m3 latent + one fp32 scale per 128 + bf16 rope; FP8 key + one fp32 scale
         return lat + 4 * _ceil_div(lat, 128) + 2 * rope, (ci + 4) if ci else 0
-    c, rope, ci = cfg.head_dim, cfg.qk_rope_head_dim, cfg.index_head_dim
-    if fmt == "bf16":
-        return 2 * c, 2 * ci
-    nope = c - rope
-    main = nope + 2 * rope + _ceil_div(nope, 64)  # e4m3 nope, bf16 rope, ue8m0 per 64
-    main = _ceil_div(main, 8) * 8  # 583 -> 584 (one pad byte)
-    if index_keys == "fp4":
-        return main, ci // 2 + _ceil_div(ci, 32)  # e2m1 + one e8m0 scale per 32
-    return main, ci + 4
+    # V4: the engine's own cache formats (dsv4.cache.spec), so both count the same bytes
+    main = v4_entry_bytes(fmt, cfg.head_dim, cfg.qk_rope_head_dim)
+    return main, index_entry_bytes(index_keys if fmt == "fp8" else fmt, cfg.index_head_dim)
 
 
 def _v4_layer_counts(cfg: ModelConfig) -> tuple[int, dict[int, int]]:
@@ -93,9 +89,8 @@ def kv_bytes_per_sequence(cfg: AnyConfig, context: int, fmt: str,
         if r == 0:
             continue
         compressed += (context // r) * main
-        if r == 4:  # overlap: buffers of 2m tokens x 2D channels, kv + score, fp32
+        state += state_bytes(r, c)  # fp32 kv + score buffers of the unfinished window(s)
+        if r == 4:
             indexer += (context // r) * idx
-            state += 2 * (2 * r) * (2 * c) * 4 + 2 * (2 * r) * (2 * ci) * 4
-        else:
-            state += 2 * r * c * 4
+            state += state_bytes(r, ci)
     return {"window": window, "compressed": compressed, "indexer": indexer, "state": state}

@@ -157,7 +157,8 @@ ACCOUNTING = (
     "FLOPs: 2 per multiply-accumulate, matrix products only, one decode token at position N "
     "seeing N+1 tokens; counted: attention projections (MLA with W_UK/W_UV absorbed), router, "
     "top-k routed + shared experts (V3: dense FFN in layers 0-2), attention scores and values, "
-    "indexer projections and scores over every visible key, V4 compressor projections, mHC "
+    "indexer projections and scores over every visible key (V4: only once the visible "
+    "entries outnumber index_topk; before that all are attended), V4 compressor projections, mHC "
     "maps, lm_head; not counted: elementwise ops, embedding lookup, MTP. KV: bytes one "
     "sequence holds (trunk layers; V4 includes its 128-token window and fp32 compressor state)."
 )

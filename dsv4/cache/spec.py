@@ -68,7 +68,8 @@ def index_entry_bytes(index_cache_dtype: str, index_head_dim: int) -> int:
     )
 
 
-def _state_bytes(ratio: int, dim: int, state_dtype: str) -> int:
+def state_bytes(ratio: int, dim: int, state_dtype: str = "fp32") -> int:
+    """Compressor state of one compressor of one layer for one request (kv + score buffers)."""
     # [REF] kv_state / score_state: [coff * ratio, coff * dim] each; coff = 2 when windows overlap
     # (ratio 4: previous window's A-halves + current window), else 1.
     coff = 2 if ratio == 4 else 1
@@ -128,7 +129,7 @@ class CacheSpec:
         """Entry bytes (main + indexer, all layers) of one sequence of ``num_tokens`` tokens."""
         return self.num_entries(num_tokens) * self.bytes_per_entry
 
-    def seq_state_bytes(self) -> int:
+    def seqstate_bytes(self) -> int:
         """Fixed compressor-state bytes of one sequence, all layers of this kind."""
         return self.num_layers * self.state_bytes
 
@@ -168,9 +169,9 @@ def build_cache_specs(
         if len(ratios) != 1:
             raise ValueError(f"{kind} layers have different compress ratios: {sorted(ratios)}")
         ratio = ratios.pop()
-        state = _state_bytes(ratio, config.head_dim, state_dtype)
+        state = state_bytes(ratio, config.head_dim, state_dtype)
         if kind == "csa":
-            state += _state_bytes(ratio, config.index_head_dim, state_dtype)
+            state += state_bytes(ratio, config.index_head_dim, state_dtype)
         specs[kind] = CacheSpec(
             kind=kind, ratio=ratio, layer_ids=layer_ids, entry_bytes=main,
             index_entry_bytes=index if kind == "csa" else 0, state_bytes=state, window=0,
@@ -194,4 +195,4 @@ def kv_bytes_per_seq(specs: Mapping[CacheKind, CacheSpec], num_tokens: int) -> i
 
 def state_bytes_per_seq(specs: Mapping[CacheKind, CacheSpec]) -> int:
     """Fixed compressor-state bytes of one sequence (independent of its length)."""
-    return sum(spec.seq_state_bytes() for spec in specs.values())
+    return sum(spec.seqstate_bytes() for spec in specs.values())

@@ -53,9 +53,6 @@ class CompressorState:
     def set_previous(self, kv: torch.Tensor, score: torch.Tensor) -> None:
         self.prev_kv, self.prev_score = kv, score
 
-    def view_entries(self) -> torch.Tensor | None:
-        return None if self.entries is None else self.entries[:, : self.num_entries]
-
     def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         slots = torch.arange(count, device=self.entries.device)
         return self.entries, slots
