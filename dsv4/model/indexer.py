@@ -25,13 +25,22 @@ __all__ = ["Indexer", "select_topk"]
 def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k entry ids per query with ties broken by lower id; -1 where fewer are visible.
 
-    scores [..., E]; visible [..., E] bool; returns [..., min(k, E)] int64.
+    scores [..., E]; visible [..., E] bool; returns [..., min(k, E)] int64, best first.
+    O(E): the k-th best score is found with topk, every entry above it is taken, and entries
+    equal to it are taken lowest id first until k are chosen; only the k chosen are sorted.
     """
-    k = min(k, scores.shape[-1])
+    e = scores.shape[-1]
+    k = min(k, e)
     masked = scores.masked_fill(~visible, float("-inf"))
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :k]
-    chosen_visible = visible.gather(-1, order)
-    return torch.where(chosen_visible, order, torch.full_like(order, -1))
+    kth = masked.topk(k, dim=-1).values[..., -1:]
+    greater, equal = masked > kth, masked == kth
+    need = k - greater.sum(-1, keepdim=True)
+    take = greater | (equal & (equal.cumsum(-1) <= need))  # exactly k per row
+    rank = torch.arange(e, 0, -1, device=scores.device)  # larger for lower ids
+    ids = torch.where(take, rank, 0).topk(k, dim=-1).indices  # chosen, ascending id
+    order = torch.sort(masked.gather(-1, ids), dim=-1, descending=True, stable=True).indices
+    ids = ids.gather(-1, order)
+    return torch.where(visible.gather(-1, ids), ids, torch.full_like(ids, -1))
 
 
 class Indexer(nn.Module):

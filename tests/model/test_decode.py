@@ -90,3 +90,16 @@ def test_mtp_draft_consistent_between_full_and_incremental(tiny_model):
     h2 = model.hidden_streams(ids, cache2)
     parts = [model.mtp_logits(h2[:, i:i + 1], next_ids[:, i:i + 1], i, cache2) for i in range(20)]
     assert rel_err(torch.cat(parts, dim=1), full) <= 1e-5
+
+
+def test_select_topk_equals_stable_sort_definition():
+    """The O(E) selection picks exactly what 'sort by score, then id' picks, ties and all."""
+    g = torch.Generator().manual_seed(1)
+    for e, k in [(40, 7), (1000, 64), (5, 8), (300, 300)]:
+        for _ in range(10):
+            scores = torch.randn(3, 4, e, generator=g).relu().round()
+            visible = torch.rand(3, 4, e, generator=g) > 0.3
+            masked = scores.masked_fill(~visible, float("-inf"))
+            want = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :k]
+            want = torch.where(visible.gather(-1, want), want, -1)
+            assert torch.equal(select_topk(scores, visible, k), want), (e, k)
