@@ -1,3 +1,5 @@
-from dsv4.cli import main
 import sys
+
+from dsv4.cli import main
+
 sys.exit(main())

@@ -19,8 +19,23 @@ from typing import Any
 from dsv4.encoding_effort import PROFILE_0731, PROFILE_PREVIEW, effort_prefix
 from dsv4.encoding_parse import arguments_json, parse_message_from_completion_text
 from dsv4.encoding_tokens import (
-    ASSISTANT, BLOCK_CLOSE, BLOCK_OPEN, BOS, DSML, EOS, INVOKE_CLOSE, INVOKE_OPEN, LATEST_REMINDER,
-    PARAM_END, PARAM_OPEN, TASK_TOKENS, THINK_CLOSE, THINK_OPEN, TOOL_CALLS_START, USER, to_json,
+    ASSISTANT,
+    BLOCK_CLOSE,
+    BLOCK_OPEN,
+    BOS,
+    DSML,
+    EOS,
+    INVOKE_CLOSE,
+    INVOKE_OPEN,
+    LATEST_REMINDER,
+    PARAM_END,
+    PARAM_OPEN,
+    TASK_TOKENS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALLS_START,
+    USER,
+    to_json,
 )
 
 __all__ = [

@@ -13,8 +13,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from dsv4.encoding_tokens import (
-    BLOCK_CLOSE, BOS, DSML, EOS, INVOKE_CLOSE, INVOKE_OPEN, PARAM_END, PARAM_OPEN, THINK_CLOSE,
-    THINK_OPEN, TOOL_CALLS_START, to_json,
+    BLOCK_CLOSE,
+    BOS,
+    DSML,
+    EOS,
+    INVOKE_CLOSE,
+    INVOKE_OPEN,
+    PARAM_END,
+    PARAM_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALLS_START,
+    to_json,
 )
 
 _HEADER_RE = re.compile(r'^\s*name="(.*?)">\n$', re.S)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,12 @@ from dsv4.config import ModelConfig
 from dsv4.model import load_model, write_checkpoint
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+_REPO = Path(__file__).resolve().parents[1]
+# the official chat fixtures: shared/ beside the repo (CI, sessions) or inside it
+CHAT_EXAMPLES = next((p for p in (SHARED / "data" / "dsv4_chat_examples.json",
+                                  _REPO / "shared" / "data" / "dsv4_chat_examples.json")
+                      if p.is_file()), None)
+CHAT_DATA = json.loads(CHAT_EXAMPLES.read_text(encoding="utf-8")) if CHAT_EXAMPLES else {}
 
 
 def tiny_config(**overrides) -> ModelConfig:

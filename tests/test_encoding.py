@@ -8,22 +8,16 @@ that need it skip with a reason when it is absent. Rule-level expectations follo
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
+from conftest import CHAT_DATA, CHAT_EXAMPLES
 
 from dsv4 import encoding as enc
 from dsv4.encoding import BOS, EOS, encode_messages, parse_message_from_completion_text
 from dsv4.encoding_effort import ABSOLUTE_MAXIMUM_TEXT, BEYOND_MAXIMUM_TEXT, effort_prefix
 
-_REPO = Path(__file__).resolve().parents[1]
-_CANDIDATES = [
-    _REPO.parent / "shared" / "data" / "dsv4_chat_examples.json",
-    _REPO / "shared" / "data" / "dsv4_chat_examples.json",
-]
-EXAMPLES = next((p for p in _CANDIDATES if p.is_file()), None)
-DATA = json.loads(EXAMPLES.read_text(encoding="utf-8")) if EXAMPLES else {}
+EXAMPLES, DATA = CHAT_EXAMPLES, CHAT_DATA
 needs_data = pytest.mark.skipif(
     EXAMPLES is None, reason="shared/data/dsv4_chat_examples.json not found beside the repo"
 )

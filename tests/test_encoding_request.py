@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from dsv4.encoding import (
-    ASSISTANT, BOS, DSML, EOS, THINK_CLOSE, THINK_OPEN, USER, encode_messages,
+    ASSISTANT,
+    BOS,
+    DSML,
+    EOS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    USER,
+    encode_messages,
 )
 from dsv4.encoding_effort import detect_effort_profile, detect_effort_profile_from_source
 from dsv4.encoding_request import encoder_args_from_request, normalize_reasoning_effort

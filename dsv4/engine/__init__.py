@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.engine_config import EngineConfig
-from dsv4.engine.request import Request, StepOutput, RequestStatus
+from dsv4.engine.request import Request, RequestStatus, StepOutput
 from dsv4.engine.scheduler import Scheduler
 
 __all__ = [

@@ -19,7 +19,7 @@ from typing import Any
 from dsv4.cache.block_manager import BlockManager
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.engine_config import EngineConfig
-from dsv4.engine.request import Request, StepOutput, RequestStatus
+from dsv4.engine.request import Request, RequestStatus, StepOutput
 
 __all__ = ["Scheduler"]
 

@@ -26,8 +26,13 @@ from dsv4.server.completions import CompletionRun, prepare_completion
 from dsv4.server.generation import RequestRejected
 from dsv4.server.metrics import CONTENT_TYPE_LATEST
 from dsv4.server.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-    error_body, parse_request,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+    parse_request,
 )
 from dsv4.server.state import SSE_DONE, ClientGone, ServerState, sse, until_disconnect
 from dsv4.tokenizer import Tokenizer

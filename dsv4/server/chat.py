@@ -24,13 +24,31 @@ from dsv4.server.generation import Delta, Generation
 from dsv4.server.grammar import ToolCallPlan, resolve_tool_choice, tool_schemas
 from dsv4.server.metrics import RequestStats
 from dsv4.server.parsers import (
-    CONTENT, REASONING, TOOL_ARGS, TOOL_CALL, DSV4OutputParser, ParserEvent,
+    CONTENT,
+    REASONING,
+    TOOL_ARGS,
+    TOOL_CALL,
+    DSV4OutputParser,
+    ParserEvent,
     prompt_ends_in_reasoning,
 )
 from dsv4.server.protocol import (
-    APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatMessage, ChatStreamChoice, ChoiceLogprobs, DeltaMessage, DeltaToolCall, FunctionCall,
-    TokenLogprob, ToolCall, TopLogprob, Usage, reject_unsupported,
+    APIError,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatStreamChoice,
+    ChoiceLogprobs,
+    DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+    Usage,
+    reject_unsupported,
 )
 from dsv4.server.state import ServerState
 

@@ -17,8 +17,13 @@ from dsv4.engine.llm_engine import TokenLogprobs
 from dsv4.server.generation import Delta, Generation
 from dsv4.server.metrics import RequestStats
 from dsv4.server.protocol import (
-    APIError, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-    Usage, reject_unsupported,
+    APIError,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    reject_unsupported,
 )
 from dsv4.server.state import ServerState
 

@@ -15,7 +15,12 @@ from concurrent.futures import Future
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
 )
 
 __all__ = ["CONTENT_TYPE_LATEST", "RequestStats", "ServerMetrics"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from conftest import tiny_config
+
 from dsv4.async_llm import AsyncLLM
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.sampling_params import SamplingParams

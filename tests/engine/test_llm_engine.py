@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import rel_err, tiny_config
+
 from dsv4.engine.model_runner import ModelRunner
 from dsv4.llm import LLM
 from dsv4.sampling_params import SamplingParams

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import tiny_config
+
 from dsv4.config import PRESETS, ModelConfig
 
 OFFICIAL_FLASH = {  # the released V4-Flash config.json (architecture.md 1.1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import rel_err, tiny_config
+
 from dsv4.model import load_model
 
 pytestmark = [pytest.mark.gpu,

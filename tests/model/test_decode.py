@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from conftest import rel_err, tiny_config
 
 import dsv4.model.indexer as indexer_mod
-from conftest import rel_err, tiny_config
 from dsv4.model.indexer import select_topk
 
 TIES_CFG = dict(index_topk=2, compress_ratios=(0, 4, 8, 4), index_n_heads=2)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import rel_err, tiny_config
 from safetensors.torch import load_file, save_file
 
-from conftest import rel_err, tiny_config
 from dsv4.model import CheckpointError, load_model, random_state_dict, write_checkpoint
 from dsv4.model.linear import Linear
 

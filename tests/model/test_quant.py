@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from dsv4.model.quant import (
-    dequant_fp4, dequant_fp8, fake_quant_fp4, fake_quant_fp8, float_to_ue8m0, hadamard,
-    quant_fp4_rows, quant_fp8_blocks, round_to_fp4, ue8m0_to_float,
+    dequant_fp4,
+    dequant_fp8,
+    fake_quant_fp4,
+    fake_quant_fp8,
+    float_to_ue8m0,
+    hadamard,
+    quant_fp4_rows,
+    quant_fp8_blocks,
+    round_to_fp4,
+    ue8m0_to_float,
 )
 
 

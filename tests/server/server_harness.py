@@ -20,8 +20,8 @@ import openai
 import uvicorn
 
 from dsv4.async_llm import AsyncLLM
-from dsv4.engine.llm_engine import LLMEngine
 from dsv4.demo import DEMO_CONFIG
+from dsv4.engine.llm_engine import LLMEngine
 from dsv4.model.writer import write_checkpoint
 from dsv4.server.app import build_app
 from dsv4.tokenizer import Tokenizer

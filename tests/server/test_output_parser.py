@@ -9,26 +9,34 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
+from conftest import CHAT_DATA, CHAT_EXAMPLES
 
 from dsv4.encoding import (
-    ASSISTANT, BOS, DSML, EOS, THINK_CLOSE, THINK_OPEN, encode_messages,
-    parse_message_from_completion_text, render_tool_calls,
+    ASSISTANT,
+    BOS,
+    DSML,
+    EOS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    encode_messages,
+    parse_message_from_completion_text,
+    render_tool_calls,
 )
 from dsv4.server.parsers import (
-    CONTENT, REASONING, TOOL_ARGS, TOOL_CALL, TOOL_END, DSV4OutputParser, ParserEvent,
-    parse_completion, prompt_ends_in_reasoning,
+    CONTENT,
+    REASONING,
+    TOOL_ARGS,
+    TOOL_CALL,
+    TOOL_END,
+    DSV4OutputParser,
+    ParserEvent,
+    parse_completion,
+    prompt_ends_in_reasoning,
 )
 
-_REPO = Path(__file__).resolve().parents[2]
-_CANDIDATES = [
-    _REPO.parent / "shared" / "data" / "dsv4_chat_examples.json",
-    _REPO / "shared" / "data" / "dsv4_chat_examples.json",
-]
-EXAMPLES = next((p for p in _CANDIDATES if p.is_file()), None)
-DATA = json.loads(EXAMPLES.read_text(encoding="utf-8")) if EXAMPLES else {}
+EXAMPLES, DATA = CHAT_EXAMPLES, CHAT_DATA
 FORBIDDEN = (DSML, THINK_OPEN, THINK_CLOSE, BOS, EOS)
 
 

@@ -15,10 +15,10 @@ import time
 import httpx
 import openai
 import pytest
+from server_harness import MODEL, ServerHandle, checkpoint
 
 from dsv4.server import launch
 from dsv4.server.parsers import DSV4OutputParser
-from server_harness import MODEL, ServerHandle, checkpoint
 
 KEY = "sk-test-key"
 NO_THINK = {"thinking": {"type": "disabled"}}

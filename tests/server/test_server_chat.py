@@ -12,9 +12,9 @@ import json
 
 import openai
 import pytest
+from server_harness import MODEL, ServerHandle
 
 from dsv4.encoding import ASSISTANT, DSML, EOS, THINK_CLOSE, THINK_OPEN
-from server_harness import MODEL, ServerHandle
 
 D = DSML
 WEATHER = {"type": "function", "function": {

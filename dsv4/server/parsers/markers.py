@@ -9,8 +9,19 @@ with it) is held back. Decisions therefore never depend on how the text was chun
 from __future__ import annotations
 
 from dsv4.encoding_tokens import (
-    ASSISTANT, BLOCK_CLOSE, BLOCK_OPEN, BOS, DSML, EOS, INVOKE_CLOSE, INVOKE_OPEN, PARAM_END,
-    PARAM_OPEN, THINK_CLOSE, THINK_OPEN, to_json,
+    ASSISTANT,
+    BLOCK_CLOSE,
+    BLOCK_OPEN,
+    BOS,
+    DSML,
+    EOS,
+    INVOKE_CLOSE,
+    INVOKE_OPEN,
+    PARAM_END,
+    PARAM_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    to_json,
 )
 
 PARAM_CLOSE = f"</{DSML}parameter>"

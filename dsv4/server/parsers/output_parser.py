@@ -32,16 +32,42 @@ import re
 from typing import Any
 
 from dsv4.encoding_tokens import (
-    BLOCK_CLOSE, BLOCK_OPEN, DSML, EOS, INVOKE_CLOSE, INVOKE_OPEN, PARAM_END, PARAM_OPEN,
-    THINK_CLOSE, to_json,
+    BLOCK_CLOSE,
+    BLOCK_OPEN,
+    DSML,
+    EOS,
+    INVOKE_CLOSE,
+    INVOKE_OPEN,
+    PARAM_END,
+    PARAM_OPEN,
+    THINK_CLOSE,
+    to_json,
 )
 from dsv4.server.parsers.events import (
-    CONTENT, REASONING, TOOL_ARGS, TOOL_CALL, TOOL_END, ParserEvent,
+    CONTENT,
+    REASONING,
+    TOOL_ARGS,
+    TOOL_CALL,
+    TOOL_END,
+    ParserEvent,
 )
 from dsv4.server.parsers.markers import (
-    AFTER_PARAM_MARKS, BLOCK_MARKS, CONTENT_MARKS, HEADER_MARKS, PHEADER_ABORTS, REASONING_MARKS,
-    SKIP_INVOKE_MARKS, SKIP_PARAM_MARKS, VALUE_HOLD, first, held, json_escape,
-    opener_verdict, prompt_ends_in_reasoning, safe_end, trim_newlines,
+    AFTER_PARAM_MARKS,
+    BLOCK_MARKS,
+    CONTENT_MARKS,
+    HEADER_MARKS,
+    PHEADER_ABORTS,
+    REASONING_MARKS,
+    SKIP_INVOKE_MARKS,
+    SKIP_PARAM_MARKS,
+    VALUE_HOLD,
+    first,
+    held,
+    json_escape,
+    opener_verdict,
+    prompt_ends_in_reasoning,
+    safe_end,
+    trim_newlines,
 )
 
 __all__ = [
