@@ -17,11 +17,14 @@ lives in BlockManager; this module only stores and gathers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from dsv4.cache.block_manager import BlockManager
+from dsv4.cache.kv_format import EntryFormat, entry_format
+from dsv4.cache.spec import DEFAULT_INDEX_CACHE_DTYPE
 from dsv4.config import ModelConfig
 
 __all__ = ["KVCache", "RequestView"]
@@ -29,9 +32,16 @@ __all__ = ["KVCache", "RequestView"]
 
 class KVCache:
     def __init__(self, config: ModelConfig, block_manager: BlockManager,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
+                 device: torch.device | str, compute_dtype: torch.dtype,
+                 kv_cache_dtype: str = "fp32", index_cache_dtype: str | None = None) -> None:
         self.config, self.block_size = config, block_manager.block_size
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.compute_dtype = torch.device(device), compute_dtype
+        d, di, bs = config.head_dim, config.index_head_dim, self.block_size
+        rope = config.qk_rope_head_dim
+        main = entry_format(kv_cache_dtype, d, rope)
+        key = entry_format(index_cache_dtype or DEFAULT_INDEX_CACHE_DTYPE[kv_cache_dtype], di, rope,
+                           key=True)
+        self.formats = {"swa": main, "csa": main, "hca": main, "csa_index": key}
         kinds = config.layer_kinds
         self.kind_index: list[int] = []  # layer -> index among the layers of its kind
         counts = {"swa": 0, "csa": 0, "hca": 0}
@@ -40,27 +50,41 @@ class KVCache:
             counts[kind] += 1
         pools = block_manager.pools
         slots = block_manager.state_pool.num_blocks
-        d, di, bs = config.head_dim, config.index_head_dim, self.block_size
 
-        def zeros(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dt, device=self.device)
+        def entries(fmt: EntryFormat, *shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, fmt.nbytes, dtype=fmt.storage_dtype, device=self.device)
 
-        self.swa = zeros(len(kinds), pools["swa"].num_blocks, bs, d)
+        def state(*shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.zeros(*shape, dtype=torch.float32, device=self.device),
+                    torch.zeros(*shape, dtype=torch.float32, device=self.device))
+
+        self.swa = entries(main, len(kinds), pools["swa"].num_blocks, bs)
         self.entries: dict[str, torch.Tensor] = {}
         self.states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if counts["csa"]:
             n, blocks = counts["csa"], pools["csa"].num_blocks
-            self.entries["csa"] = zeros(n, blocks, bs // 4, d)
-            self.entries["csa_index"] = zeros(n, blocks, bs // 4, di)
-            self.states["csa"] = (zeros(n, slots, 8, 2 * d, dt=torch.float32),
-                                  zeros(n, slots, 8, 2 * d, dt=torch.float32))
-            self.states["csa_index"] = (zeros(n, slots, 8, 2 * di, dt=torch.float32),
-                                        zeros(n, slots, 8, 2 * di, dt=torch.float32))
+            self.entries["csa"] = entries(main, n, blocks, bs // 4)
+            self.entries["csa_index"] = entries(key, n, blocks, bs // 4)
+            self.states["csa"] = state(n, slots, 8, 2 * d)
+            self.states["csa_index"] = state(n, slots, 8, 2 * di)
         if counts["hca"]:
             r, n, blocks = config.hca_ratio, counts["hca"], pools["hca"].num_blocks
-            self.entries["hca"] = zeros(n, blocks, bs // r, d)
-            self.states["hca"] = (zeros(n, slots, r, d, dt=torch.float32),
-                                  zeros(n, slots, r, d, dt=torch.float32))
+            self.entries["hca"] = entries(main, n, blocks, bs // r)
+            self.states["hca"] = state(n, slots, r, d)
+
+    def encode(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        return self.formats[kind].encode(x)
+
+    def decoder(self, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """How to turn stored rows of `kind` into compute-dtype vectors (None: as they are)."""
+        fmt = self.formats[kind]
+        if not fmt.encoded:
+            return None
+        return lambda raw: fmt.decode(raw, self.compute_dtype)
+
+    def read(self, kind: str, raw: torch.Tensor) -> torch.Tensor:
+        decode = self.decoder(kind)
+        return raw if decode is None else decode(raw)
 
     def window_flat(self, layer: int) -> torch.Tensor:
         return self.swa[layer].view(-1, self.swa.shape[-1])
@@ -94,8 +118,8 @@ class _CompressorStore:
         kv_state, score_state = view.cache.states[key]
         self.kv, self.score = kv_state[layer, view.slot], score_state[layer, view.slot]
         self.overlap = ratio == 4
-        storage = view.cache.entries[key][layer]  # [blocks, per_block, D]
-        self.per_block = storage.shape[1]
+        storage = view.cache.entries[key][layer]  # [blocks, per_block, D or bytes]
+        self.key, self.per_block = key, storage.shape[1]
         self.flat = storage.view(-1, storage.shape[-1])
         self.table = view.tables["csa" if key.startswith("csa") else "hca"]
 
@@ -122,11 +146,13 @@ class _CompressorStore:
     def append(self, entries: torch.Tensor) -> None:
         first = self.view.start_pos // self.ratio
         ids = torch.arange(first, first + entries.shape[1], device=entries.device)
-        self.flat[_slots(self.table, ids, self.per_block)] = entries[0].to(self.flat.dtype)
+        self.flat[_slots(self.table, ids, self.per_block)] = self.view.cache.encode(self.key,
+                                                                                   entries[0])
 
-    def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
         ids = torch.arange(count, device=self.flat.device)
-        return self.flat.unsqueeze(0), _slots(self.table, ids, self.per_block)
+        return (self.flat.unsqueeze(0), _slots(self.table, ids, self.per_block),
+                self.view.cache.decoder(self.key))
 
 
 class _LayerStore:
@@ -146,12 +172,13 @@ class _LayerStore:
         if count == 0:
             return None
         start = self.view.start_pos
-        return self.window_flat[self._window_slots(start - count, start)].unsqueeze(0)
+        raw = self.window_flat[self._window_slots(start - count, start)]
+        return self.view.cache.read("swa", raw).unsqueeze(0)
 
     def save_window(self, kv: torch.Tensor, history: torch.Tensor | None) -> None:
         start = self.view.start_pos
         slots = self._window_slots(start, start + kv.shape[1])
-        self.window_flat[slots] = kv[0].to(self.window_flat.dtype)
+        self.window_flat[slots] = self.view.cache.encode("swa", kv[0])
 
 
 class RequestView:
@@ -209,8 +236,9 @@ class _BatchedLayerStore:
         pos = pos.clamp_min(0)
         block = (pos // bs - g.swa_offsets.unsqueeze(1)).clamp_min(0)
         slots = g.tables["swa"].gather(1, block) * bs + pos % bs
-        self.window_flat[slots[:, -1]] = kv.to(self.window_flat.dtype)
-        keys = self.window_flat[slots[:, :-1]]
+        cache = self.group.cache
+        self.window_flat[slots[:, -1]] = cache.encode("swa", kv)
+        keys = cache.read("swa", self.window_flat[slots[:, :-1]])
         return torch.cat([keys.to(kv.dtype), kv.unsqueeze(1)], dim=1), valid
 
 
@@ -220,7 +248,7 @@ class _BatchedCompressorStore:
         kv_state, score_state = group.cache.states[key]
         self.kv, self.score = kv_state[layer], score_state[layer]  # [slots, rows, width]
         storage = group.cache.entries[key][layer]
-        self.per_block = storage.shape[1]
+        self.key, self.per_block = key, storage.shape[1]
         self.flat = storage.view(-1, storage.shape[-1])
         self.table = group.tables["csa" if key.startswith("csa") else "hca"]
         self.counts = [(p + 1) // ratio for p in group.pos_list]  # entries after this token
@@ -252,17 +280,19 @@ class _BatchedCompressorStore:
         ids = (self.group.positions[done] + 1) // self.ratio - 1
         table = self.table[done]
         slots = table.gather(1, (ids // self.per_block).unsqueeze(1))[:, 0] * self.per_block
-        self.flat[slots + ids % self.per_block] = entries.to(self.flat.dtype)
+        self.flat[slots + ids % self.per_block] = self.group.cache.encode(self.key, entries)
         if self.overlap:  # the completed window becomes the previous one
             s, m = self.group.slots[done], self.ratio
             self.kv[s, :m] = self.kv[s, m:]
             self.score[s, :m] = self.score[s, m:]
 
-    def entry_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(storage [1, S, D], slots [R, E]) with -1 for entries a row does not have yet."""
+    def entry_slots(self) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(storage [1, S, D or bytes], slots [R, E] with -1 for entries a row does not have
+        yet, decoder of stored rows or None)."""
         dev = self.flat.device
         ids = torch.arange(self.num_entries, device=dev)
         counts = torch.tensor(self.counts, dtype=torch.long, device=dev)
         blocks = (ids // self.per_block).clamp_max(self.table.shape[1] - 1)
         slots = self.table[:, blocks] * self.per_block + ids % self.per_block
-        return self.flat.unsqueeze(0), slots.masked_fill(ids >= counts.unsqueeze(1), -1)
+        return (self.flat.unsqueeze(0), slots.masked_fill(ids >= counts.unsqueeze(1), -1),
+                self.group.cache.decoder(self.key))

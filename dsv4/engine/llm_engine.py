@@ -81,8 +81,8 @@ class LLMEngine:
         self.eos_token_id = model.config.eos_token_id if eos_token_id is None else eos_token_id
         self.block_manager = BlockManager.from_config(model.config, engine_config)
         self.scheduler = Scheduler(engine_config, self.block_manager)
-        self.runner = ModelRunner(model, self.block_manager, _CACHE_DTYPES[
-            engine_config.kv_cache_dtype])
+        self.runner = ModelRunner(model, self.block_manager, engine_config.kv_cache_dtype,
+                                  engine_config.index_cache_dtype)
         self._children: dict[str, tuple[str, int]] = {}  # child request id -> (id, index)
         self._parents: dict[str, list[str]] = {}
         self._child_params: dict[str, SamplingParams] = {}
@@ -189,17 +189,15 @@ class LLMEngine:
             self._parents.pop(parent[0], None)
 
 
-_CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def _replace_params(params: SamplingParams, **changes: Any) -> SamplingParams:
     return dataclasses.replace(params, **changes)
 
 
 def make_engine_config(model: DeepseekV4ForCausalLM, **engine_args: Any) -> EngineConfig:
     """EngineConfig with device-aware defaults: the cache stores the compute dtype (fp32 on
-    CPU), max_model_len is the model's context (capped at 1M), the budget a share of free
-    memory."""
+    CPU, bf16 on GPU) unless kv_cache_dtype says otherwise ("fp8": 584-byte entries with FP4
+    indexer keys), max_model_len is the model's context (capped at 1M), the budget a share of
+    free memory."""
     device = model.embed.weight.device
     args = dict(engine_args)
     unknown = set(args) - {f.name for f in dataclasses.fields(EngineConfig)}
@@ -207,10 +205,8 @@ def make_engine_config(model: DeepseekV4ForCausalLM, **engine_args: Any) -> Engi
         raise ValueError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
     if args.get("kv_cache_dtype") is None:
         args["kv_cache_dtype"] = "fp32" if model.compute_dtype == torch.float32 else "bf16"
-    if args["kv_cache_dtype"] not in _CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype {args['kv_cache_dtype']!r} is not supported by the "
-                         f"cache storage yet; use one of {sorted(_CACHE_DTYPES)}")
-    args.setdefault("index_cache_dtype", args["kv_cache_dtype"])
+    if args.get("index_cache_dtype") is None and args["kv_cache_dtype"] != "fp8":
+        args["index_cache_dtype"] = args["kv_cache_dtype"]  # fp8 entries pair with fp4 keys
     if args.get("max_model_len") is None:
         args["max_model_len"] = min(model.config.max_position_embeddings, 1 << 20)
     if args.get("kv_cache_memory") is None:

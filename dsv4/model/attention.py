@@ -10,6 +10,7 @@ Attention reads keys through index lists (gather), never a dense mask over the w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -67,10 +68,17 @@ def gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class Gathered(NamedTuple):
-    """Keys picked per query: kv [B or 1, L, D], idx [B or 1, T, K] (-1 = no key)."""
+    """Keys picked per query: kv [B or 1, L, ...], idx [B or 1, T, K] (-1 = no key); decode
+    turns stored rows into vectors (None: kv already holds vectors)."""
 
     kv: torch.Tensor
     idx: torch.Tensor
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _read(rows: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor] | None
+          ) -> torch.Tensor:
+    return rows if decode is None else decode(rows)
 
 
 class Shared(NamedTuple):
@@ -94,7 +102,7 @@ def sparse_attention(q: torch.Tensor, sources: list[Gathered | Shared], sink: to
             part = torch.einsum("bthd,bkd->bthk", qf, keys)
             valid = src.visible
         else:
-            keys = gather_rows(src.kv, src.idx).float()  # [B, T, K, D]
+            keys = _read(gather_rows(src.kv, src.idx), src.decode).float()  # [B, T, K, D]
             part = torch.einsum("bthd,btkd->bthk", qf, keys)
             valid = src.idx >= 0
         logits.append(part.masked_fill(~valid.unsqueeze(2), float("-inf")) * scale)
@@ -195,12 +203,12 @@ class Attention(nn.Module):
             n_entries = (start_pos + t) // self.ratio
         dense = None  # all entries, when every visible one is attended (hca, or csa below top-k)
         if n_entries:
-            storage, slots = store.compressor.entry_slots(n_entries)
+            storage, slots, decode = store.compressor.entry_slots(n_entries)
             if self.indexer is None or n_entries <= self.config.index_topk:
-                dense = storage[:, slots]  # [B, E, D]
+                dense = _read(storage[:, slots], decode)  # [B, E, D]
             else:
-                key_storage, key_slots = store.indexer.entry_slots(n_entries)
-                keys = key_storage[:, key_slots]
+                key_storage, key_slots, key_decode = store.indexer.entry_slots(n_entries)
+                keys = _read(key_storage[:, key_slots], key_decode)
         ids = torch.arange(n_entries, device=x.device)
         outs = []
         step = self.window  # queries per chunk; each sees at most 2 * window - 1 window keys
@@ -220,8 +228,8 @@ class Attention(nn.Module):
                     sources.append(Shared(dense, visible.unsqueeze(0)))
                 else:
                     idx = self.indexer.select(x[:, s:e], q_lora[:, s:e], pos[None], keys)
-                    sources.append(Gathered(storage, torch.where(idx >= 0, slots[idx.clamp_min(0)],
-                                                                 idx)))
+                    slot_idx = torch.where(idx >= 0, slots[idx.clamp_min(0)], idx)
+                    sources.append(Gathered(storage, slot_idx, decode))
             outs.append(sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
@@ -236,17 +244,18 @@ class Attention(nn.Module):
                 self.indexer.compressor.decode_step(x, positions, store.indexer)
             n_entries = store.compressor.num_entries
             if n_entries:
-                storage, slots = store.compressor.entry_slots()  # [1, S, D], [R, E] (-1: none)
+                # [1, S, ...], [R, E] (-1: none), decoder
+                storage, slots, decode = store.compressor.entry_slots()
                 if self.indexer is None or n_entries <= self.config.index_topk:
-                    dense = storage[0][slots.clamp_min(0)]  # [R, E, D]
+                    dense = _read(storage[0][slots.clamp_min(0)], decode)  # [R, E, D]
                     sources.append(Shared(dense, (slots >= 0).unsqueeze(1)))
                 else:
-                    key_storage, key_slots = store.indexer.entry_slots()
-                    keys = key_storage[0][key_slots.clamp_min(0)]  # [R, E, D_index]
+                    key_storage, key_slots, key_decode = store.indexer.entry_slots()
+                    keys = _read(key_storage[0][key_slots.clamp_min(0)], key_decode)
                     ids = self.indexer.select(x[:, None], q_lora[:, None], positions[:, None],
                                               keys)[:, 0]  # [R, k]
                     slot_idx = torch.where(ids >= 0, slots.gather(1, ids.clamp_min(0)), -1)
-                    sources.append(Gathered(storage, slot_idx.unsqueeze(1)))
+                    sources.append(Gathered(storage, slot_idx.unsqueeze(1), decode))
         return sparse_attention(q.unsqueeze(1), sources, self.attn_sink, self.scale)[:, 0]
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:

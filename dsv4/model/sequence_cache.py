@@ -11,7 +11,8 @@ Store interface used by the attention (B = batch rows of one segment):
   window_history(h) -> [B, h, D]; save_window(kv_chunk, history)
   compressor stores: pending(c) -> (kv, score) [B, c, W]; set_pending(kv, score);
   previous() / set_previous(kv, score) [B, ratio, W]; append(entries [B, n, D]);
-  entry_slots(E) -> (storage [B, S, D], slots [E]) to gather entry w from storage[:, slots[w]].
+  entry_slots(E) -> (storage [B, S, ...], slots [E], decode) to gather entry w from
+  storage[:, slots[w]] and turn stored rows into vectors with decode (None: stored as vectors).
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ class CompressorState:
     def set_previous(self, kv: torch.Tensor, score: torch.Tensor) -> None:
         self.prev_kv, self.prev_score = kv, score
 
-    def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor, None]:
         slots = torch.arange(count, device=self.entries.device)
-        return self.entries, slots
+        return self.entries, slots, None  # stored as computed: nothing to decode
 
     def append(self, new: torch.Tensor) -> None:
         """Append [B, n, D] entries, growing capacity geometrically (amortised O(1))."""

@@ -190,3 +190,28 @@ def test_bad_requests_rejected_without_disturbing_others(tiny_checkpoint):
         tokens += [t for o in eng.step() for t in o.new_token_ids]
     assert len(tokens) == 5
     assert eng.block_manager.all_free()
+
+
+def test_fp8_cache_storage(tiny_checkpoint):
+    """584-byte-style FP8 entries and FP4 indexer keys: with the reference's rounding on they
+    hold the nope dims and keys exactly; only the rope dims are stored bf16, so logits move by
+    ~1e-3 relative, not more."""
+    path = tiny_checkpoint(tiny_config(index_topk=2))
+    prompt = prompts_of([40])[0]
+    logits = {}
+    for kv in ("fp32", "fp8"):
+        llm = make_llm(path, kv_cache_dtype=kv)
+        seen, sampler = [], llm.engine.runner.sampler
+
+        def spy(lg, meta, seen=seen, sampler=sampler):
+            seen.append(lg.clone())
+            return sampler(lg, meta)
+
+        llm.engine.runner.sampler = spy
+        llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=6,
+                                                                               **GREEDY))
+        logits[kv] = torch.stack(seen)
+        assert llm.engine.block_manager.all_free()
+    assert llm.engine.runner.kv_cache.swa.dtype == torch.uint8
+    err = rel_err(logits["fp8"], logits["fp32"])
+    assert 0 < err <= 1e-2
