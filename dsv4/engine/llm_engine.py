@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dsv4.cache.block_manager import BlockManager
+from dsv4.cache.spec import kv_bytes_per_seq, kv_bytes_per_token, state_bytes_per_seq
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.model_runner import ModelRunner
 from dsv4.engine.request import Request, RequestStatus
@@ -83,6 +84,13 @@ class LLMEngine:
         self.scheduler = Scheduler(engine_config, self.block_manager)
         self.runner = ModelRunner(model, self.block_manager, engine_config.kv_cache_dtype,
                                   engine_config.index_cache_dtype)
+        info = self.cache_info()
+        logger.info("KV cache: %.2f GiB (%s entries, %s indexer keys), %.1f B/token, "
+                    "%.2f GiB per %d-token sequence, %d state slots",
+                    info["memory_bytes"] / 2**30, engine_config.kv_cache_dtype,
+                    engine_config.index_cache_dtype or "default", info["bytes_per_token"],
+                    info["bytes_per_max_sequence"] / 2**30, engine_config.max_model_len,
+                    info["num_state_slots"])
         self._children: dict[str, tuple[str, int]] = {}  # child request id -> (id, index)
         self._parents: dict[str, list[str]] = {}
         self._child_params: dict[str, SamplingParams] = {}
@@ -94,6 +102,16 @@ class LLMEngine:
         model = load_model(path, device=device, dtype=dtype, emulate_quant=emulate_quant,
                            progress=progress)
         return cls(model, make_engine_config(model, **engine_args))
+
+    def cache_info(self) -> dict[str, float]:
+        """KV-cache figures of this engine: allocated bytes, asymptotic bytes per token, bytes of
+        one max_model_len sequence (entries + window + compressor state), state slots."""
+        specs = self.block_manager.specs
+        n = self.config.max_model_len
+        return {"memory_bytes": self.runner.kv_cache.memory_bytes(),
+                "bytes_per_token": kv_bytes_per_token(specs),
+                "bytes_per_max_sequence": kv_bytes_per_seq(specs, n) + state_bytes_per_seq(specs),
+                "num_state_slots": self.block_manager.num_state_slots}
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],

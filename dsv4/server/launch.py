@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per engine step")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="KV-cache budget, e.g. 8GiB (default: a share of free memory)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp32", "bf16", "fp8"), default="auto",
+                   help="cache entry format (auto: the compute dtype; fp8: 584-byte entries "
+                   "with FP4 indexer keys)")
     p.add_argument("--reasoning-effort-profile", choices=("auto", "preview", "0731"),
                    default="auto", help="effort table: auto reads the checkpoint's "
                    "encoding/encoding_dsv4.py, else preview")
@@ -109,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     engine_args = {k: v for k, v in (
         ("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
         ("max_num_batched_tokens", args.max_num_batched_tokens),
-        ("kv_cache_memory", args.kv_cache_memory)) if v is not None}
+        ("kv_cache_memory", args.kv_cache_memory),
+        ("kv_cache_dtype", None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype))
+        if v is not None}
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading: stop cleanly
     try:
         return _serve(args, path, names, api_key, engine_args)

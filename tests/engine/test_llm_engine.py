@@ -215,3 +215,11 @@ def test_fp8_cache_storage(tiny_checkpoint):
     assert llm.engine.runner.kv_cache.swa.dtype == torch.uint8
     err = rel_err(logits["fp8"], logits["fp32"])
     assert 0 < err <= 1e-2
+
+
+def test_engine_reports_cache_figures(tiny_checkpoint):
+    info = make_llm(tiny_checkpoint()).engine.cache_info()
+    assert info["memory_bytes"] <= 32 << 20 and info["num_state_slots"] >= 1
+    # tiny config, fp32: 2 csa layers x (256 B entry + 128 B key) / 4 + 1 hca layer x 256 B / 8
+    assert info["bytes_per_token"] == 2 * (256 + 128) / 4 + 256 / 8
+    assert info["bytes_per_max_sequence"] > 256 * info["bytes_per_token"]
