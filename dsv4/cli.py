@@ -9,27 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 __all__ = ["main"]
-
-
-def _resolve_model(model: str | None) -> Path:
-    from dsv4.demo import default_model_path, is_demo
-
-    path = Path(model) if model else default_model_path()
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"dsv4: {path} is not a checkpoint directory (no config.json)")
-    if is_demo(path):
-        print(f"dsv4: using the embedded demo model at {path} "
-              "(RANDOM weights: expect gibberish)", file=sys.stderr)
-    return path
 
 
 def _generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dsv4 generate", description="Complete prompts offline.")
     p.add_argument("prompts", nargs="+", help="prompt text (one or more; batched together)")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--model", help="checkpoint directory or HF repo id in the local HF cache "
+                   "(default: the embedded demo model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -50,7 +38,9 @@ def _generate(argv: list[str]) -> int:
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     except ValueError as exc:
         p.error(str(exc))
-    path = _resolve_model(args.model)
+    from dsv4.demo import resolve_model
+
+    path, _ = resolve_model(args.model)
     llm = LLM(path, device=args.device, emulate_quant=not args.no_emulate_quant, progress=True,
               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
     start = time.perf_counter()

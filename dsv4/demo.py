@@ -3,20 +3,21 @@
 It has the real architecture (swa, csa and hca layers, hash and learned MoE, MTP), the real
 129,280-token vocabulary and tokenizer, and the release's FP8/FP4 storage, at toy widths, so every
 dsv4 command runs with no download and no GPU. Its weights are random: it produces gibberish, and
-its config and directory name say so.
+its config and directory name say so. `resolve_model` turns a command's MODEL argument (a
+directory, a local Hugging Face repo id, or nothing: the demo) into a checkpoint directory.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import shutil
+import sys
 from pathlib import Path
 
 from dsv4 import env
 from dsv4.config import ModelConfig
-from dsv4.model.writer import write_checkpoint
 
-__all__ = ["DEMO_CONFIG", "DEMO_NAME", "default_model_path"]
+__all__ = ["DEMO_CONFIG", "DEMO_NAME", "default_model_path", "resolve_model"]
 
 DEMO_NAME = "dsv4-demo-tiny-random"
 DEMO_VERSION = 1  # bump when DEMO_CONFIG or the writer's format changes
@@ -34,6 +35,8 @@ def default_model_path() -> Path:
     path = env.cache_dir() / f"{DEMO_NAME}-v{DEMO_VERSION}"
     if (path / "config.json").is_file():
         return path
+    from dsv4.model.writer import write_checkpoint  # only when the demo is first built
+
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     write_checkpoint(tmp, DEMO_CONFIG, seed=0,
@@ -46,8 +49,32 @@ def default_model_path() -> Path:
     return path
 
 
-def is_demo(path: Path) -> bool:
+def resolve_model(model: str | None) -> tuple[Path, str]:
+    """The MODEL argument of a command -> (checkpoint directory, default served name): a
+    directory, a Hugging Face repo id already in the local HF cache, or None for the demo model.
+    SystemExit with a clear message otherwise."""
+    if model is None:
+        path = default_model_path()
+        print(f"dsv4: using the embedded demo model at {path} (RANDOM weights: expect "
+              "gibberish)", file=sys.stderr)
+        return path, DEMO_NAME
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"dsv4: {path} is not a checkpoint directory (no config.json)")
+        return path, path.name
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) is None:
+        raise SystemExit(f"dsv4: {model!r} is neither a directory nor a Hugging Face "
+                         "repo id (org/name)")
     try:
-        return "dsv4_note" in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise SystemExit(f"dsv4: {model!r} is not a directory, and resolving a Hugging Face"
+                         " repo id needs the huggingface_hub package (pip install "
+                         "huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(model, local_files_only=True)), model
+    except Exception as exc:  # noqa: BLE001 - every failure means "not in the local cache"
+        raise SystemExit(f"dsv4: {model!r} is not in the local Hugging Face cache "
+                         f"({type(exc).__name__}); download it first, e.g. "
+                         f"`huggingface-cli download {model}`") from None

@@ -18,6 +18,8 @@ from types import FrameType
 
 import uvicorn
 
+from dsv4.demo import resolve_model
+
 __all__ = ["main", "parse_bytes", "resolve_model"]
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -37,37 +39,6 @@ def parse_bytes(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError("the size must be positive")
     return int(value)
-
-
-def resolve_model(model: str | None) -> tuple[Path, str]:
-    """-> (checkpoint directory, default served name). SystemExit with a clear message."""
-    if model is None:
-        from dsv4.demo import DEMO_NAME, default_model_path
-
-        path = default_model_path()
-        print(f"dsv4: using the embedded demo model at {path} (RANDOM weights: expect "
-              "gibberish)", file=sys.stderr)
-        return path, DEMO_NAME
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"dsv4 serve: {path} is not a checkpoint directory (no config.json)")
-        return path, path.name
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) is None:
-        raise SystemExit(f"dsv4 serve: {model!r} is neither a directory nor a Hugging Face "
-                         "repo id (org/name)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise SystemExit(f"dsv4 serve: {model!r} is not a directory, and resolving a Hugging Face"
-                         " repo id needs the huggingface_hub package (pip install "
-                         "huggingface_hub)") from None
-    try:
-        return Path(snapshot_download(model, local_files_only=True)), model
-    except Exception as exc:  # noqa: BLE001 - every failure means "not in the local cache"
-        raise SystemExit(f"dsv4 serve: {model!r} is not in the local Hugging Face cache "
-                         f"({type(exc).__name__}); download it first, e.g. "
-                         f"`huggingface-cli download {model}`") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
