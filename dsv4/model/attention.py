@@ -199,7 +199,7 @@ class Attention(nn.Module):
         if self.compressor is not None:
             self.compressor(x, start_pos, store.compressor)
             if self.indexer is not None:
-                self.indexer.update_keys(x, start_pos, store.indexer)
+                self.indexer.compressor(x, start_pos, store.indexer)
             n_entries = (start_pos + t) // self.ratio
         dense = None  # all entries, when every visible one is attended (hca, or csa below top-k)
         if n_entries:

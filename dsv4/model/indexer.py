@@ -17,7 +17,6 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.layers import RotaryEmbedding, apply_rope
 from dsv4.model.linear import Linear
 from dsv4.model.quant import fake_quant_fp4, hadamard
-from dsv4.model.sequence_cache import CompressorState
 
 __all__ = ["Indexer", "select_topk"]
 
@@ -53,9 +52,6 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config, 4, self.head_dim, rotate=True, rope=rope)
         self.rope = rope
         self.emulate_quant = True
-
-    def update_keys(self, x: torch.Tensor, start_pos: int, state: CompressorState) -> None:
-        self.compressor(x, start_pos, state)
 
     def select(self, x: torch.Tensor, q_lora: torch.Tensor, positions: torch.Tensor,
                keys: torch.Tensor, num_keys: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from dsv4.config import ModelConfig
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.model.linear import Linear
-from dsv4.model.names import is_hf_naming, official_items
+from dsv4.model.names import is_hf_naming, official_items, released_in_fp32
 
 __all__ = ["load_model", "checkpoint_files", "CheckpointError"]
 
@@ -125,7 +125,9 @@ def _assign(model: torch.nn.Module, expected: dict[str, torch.Tensor], name: str
             raise CheckpointError(
                 f"tensor {name} is {tensor.dtype}, expected {target.dtype} (config says so)")
         value = tensor.to(target.dtype)
-    elif target.dtype == torch.float32 and _is_small_fp32(name):
+    elif target.dtype == torch.float32 and (released_in_fp32(name)
+                                            or name.endswith("norm.weight")):
+        # what the reference keeps in fp32 in memory: the release's fp32 tensors and the norms
         value = tensor.float()
     else:
         value = tensor  # dense weights keep their stored dtype (bf16 as released)
@@ -136,11 +138,3 @@ def _assign(model: torch.nn.Module, expected: dict[str, torch.Tensor], name: str
         module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
     else:
         module._buffers[attr] = value
-
-
-def _is_small_fp32(name: str) -> bool:
-    """Parameters the reference keeps in fp32 whatever their stored dtype."""
-    leaf = name.rsplit(".", 1)[-1]
-    return (leaf.startswith("hc_") or leaf in ("ape", "attn_sink", "bias")
-            or name.endswith("norm.weight"))
-

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["is_hf_naming", "official_items"]
+__all__ = ["is_hf_naming", "official_items", "released_in_fp32"]
 
 # applied in order to names with the leading "model." removed
 _HF_RULES: list[tuple[str, str]] = [
@@ -47,6 +47,13 @@ _HF_RULES: list[tuple[str, str]] = [
     (r"\.weight_scale_inv$", ".scale"),
 ]
 _COMPILED = [(re.compile(p), r) for p, r in _HF_RULES]
+
+
+def released_in_fp32(name: str) -> bool:
+    """Tensors the official release stores in fp32 (mHC maps, position biases, sinks, gate
+    bias); other dense tensors are bf16 there."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf.startswith("hc_") or leaf in ("ape", "attn_sink", "bias")
 
 
 def is_hf_naming(names: list[str]) -> bool:

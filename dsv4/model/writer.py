@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from dsv4.config import ModelConfig
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.model.linear import Linear
+from dsv4.model.names import released_in_fp32
 from dsv4.model.quant import quant_fp8_blocks
 
 __all__ = ["iter_random_tensors", "random_state_dict", "write_checkpoint", "copy_tokenizer"]
@@ -103,11 +104,8 @@ def random_state_dict(config: ModelConfig, seed: int = 0, with_mtp: bool = True
 
 def _storage_dtype(name: str, t: torch.Tensor) -> torch.Tensor:
     """BF16 for dense weights as released; fp32 where the release keeps fp32."""
-    leaf = name.rsplit(".", 1)[-1]
-    if t.dtype != torch.float32:
-        return t
-    if leaf.startswith("hc_") or leaf in ("ape", "attn_sink", "bias") or leaf == "scale":
-        return t
+    if t.dtype != torch.float32 or released_in_fp32(name) or name.endswith(".scale"):
+        return t  # float32 .scale: the -Base checkpoints' FP8 scales
     return t.to(torch.bfloat16)
 
 
