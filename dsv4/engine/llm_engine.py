@@ -126,7 +126,7 @@ class LLMEngine:
             child_params = params
             if params.n > 1:
                 seed = None if params.seed is None else params.seed + i
-                child_params = _replace_params(params, n=1, seed=seed)
+                child_params = dataclasses.replace(params, n=1, seed=seed)
             self.scheduler.add_request(Request(child, prompt_token_ids, child_params,
                                                eos_token_id=self.eos_token_id))
             self._children[child] = (request_id, i)
@@ -205,10 +205,6 @@ class LLMEngine:
         siblings = self._parents.get(parent[0], [])
         if all(c not in self._children for c in siblings):
             self._parents.pop(parent[0], None)
-
-
-def _replace_params(params: SamplingParams, **changes: Any) -> SamplingParams:
-    return dataclasses.replace(params, **changes)
 
 
 def make_engine_config(model: DeepseekV4ForCausalLM, **engine_args: Any) -> EngineConfig:

@@ -37,6 +37,9 @@ class ModelRunner:
             return [], None
         flat = [t for ids in batch.token_ids for t in ids]
         input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
+        def tables(i: int) -> dict[str, list[int]]:
+            return {kind: batch.block_tables[kind][i] for kind in batch.block_tables}
+
         views, bounds, begin = [], [], 0
         single: list[int] = []  # rows with one token: attended together (DecodeRows)
         starts: list[int] = []  # their token's place on the flat axis
@@ -46,17 +49,15 @@ class ModelRunner:
                 single.append(i)
                 starts.append(begin)
             else:
-                tables = {k: batch.block_tables[k][i] for k in batch.block_tables}
-                views.append(RequestView(self.kv_cache, tables, batch.swa_block_offsets[i],
+                views.append(RequestView(self.kv_cache, tables(i), batch.swa_block_offsets[i],
                                          batch.state_slots[i], batch.num_computed_tokens[i]))
                 bounds.append((begin, begin + n))
             begin += n
-        group = rows = None
+        group = decode_index = None
         if single:
-            rows = torch.tensor(starts, dtype=torch.long, device=self.device)
+            decode_index = torch.tensor(starts, dtype=torch.long, device=self.device)
             group = DecodeGroup(
-                self.kv_cache, [{k: batch.block_tables[k][i] for k in batch.block_tables}
-                                for i in single],
+                self.kv_cache, [tables(i) for i in single],
                 [batch.swa_block_offsets[i] for i in single], [batch.state_slots[i] for i in single],
                 [batch.num_computed_tokens[i] for i in single])
 
@@ -64,7 +65,7 @@ class ModelRunner:
             segs: list[Segment | DecodeRows] = [
                 Segment(b, e, v.start_pos, v.layer(layer)) for (b, e), v in zip(bounds, views)]
             if group is not None:
-                segs.append(DecodeRows(rows, group.positions, group.layer(layer)))
+                segs.append(DecodeRows(decode_index, group.positions, group.layer(layer)))
             return segs
 
         h = self.model.run_layers(input_ids, layer_segments)
