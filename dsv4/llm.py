@@ -97,24 +97,29 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         bar = tqdm(total=len(results), desc="Generating", disable=not use_tqdm)
-        remaining = {(rid, i) for rid, r in results.items() for i in range(len(r.outputs))}
-        while remaining:
+        open_count = {rid: len(r.outputs) for rid, r in results.items()}  # unfinished completions
+        while open_count:
             for out in self.engine.step():
+                if out.request_id not in open_count:
+                    continue
                 comp = results[out.request_id].outputs[out.index]
+                if comp.finish_reason is not None:
+                    continue  # already ended by a stop string
                 comp.token_ids.extend(out.new_token_ids)
                 if out.logprobs is not None:
-                    comp.logprobs = (comp.logprobs or []) + out.logprobs
+                    comp.logprobs = comp.logprobs or []
+                    comp.logprobs.extend(out.logprobs)
                 detok = detoks[(out.request_id, out.index)]
                 comp.text += detok.add(out.new_token_ids, final=out.finished)
                 finished, reason, stop = out.finished, out.finish_reason, out.stop_reason
                 if detok.stopped is not None and not finished:
                     self.engine.finish_request(out.request_id, out.index, detok.stopped)
                     finished, reason, stop = True, "stop", detok.stopped
-                if finished and (out.request_id, out.index) in remaining:
+                if finished:
                     comp.finish_reason, comp.stop_reason = reason, stop
-                    remaining.discard((out.request_id, out.index))
-                    if all(k not in remaining for k in ((out.request_id, j) for j in
-                           range(len(results[out.request_id].outputs)))):
+                    open_count[out.request_id] -= 1
+                    if not open_count[out.request_id]:
+                        del open_count[out.request_id]
                         results[out.request_id].finished = True
                         bar.update(1)
         bar.close()

@@ -223,3 +223,18 @@ def test_engine_reports_cache_figures(tiny_checkpoint):
     # tiny config, fp32: 2 csa layers x (256 B entry + 128 B key) / 4 + 1 hca layer x 256 B / 8
     assert info["bytes_per_token"] == 2 * (256 + 128) / 4 + 256 / 8
     assert info["bytes_per_max_sequence"] > 256 * info["bytes_per_token"]
+
+
+def test_offline_stop_string_cuts_text_and_frees(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint())
+    prompt = prompts_of([8])
+    full = llm.generate(prompt_token_ids=prompt,
+                        sampling_params=SamplingParams(max_tokens=20, **GREEDY))[0].outputs[0]
+    stop = full.text[len(full.text) // 2:][:3]
+    assert stop.strip()
+    cut = llm.generate(prompt_token_ids=prompt, sampling_params=SamplingParams(
+        max_tokens=20, stop=[stop], logprobs=1, **GREEDY))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert full.text.startswith(cut.text) and stop not in cut.text
+    assert len(cut.logprobs) == len(cut.token_ids) < 20
+    assert llm.engine.block_manager.all_free()
