@@ -42,10 +42,6 @@ class MLAConfig:
     def has_indexer(self) -> bool:
         return self.index_topk > 0
 
-    @property
-    def num_moe_layers(self) -> int:
-        return self.num_hidden_layers - self.first_k_dense_replace
-
 
 BASELINES: dict[str, MLAConfig] = {
     "v3": MLAConfig(name="DeepSeek-V3"),

@@ -170,7 +170,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
         kv = apply_rope(kv, cos, sin)
         if self.emulate_quant:
-            nope = self.head_dim - self.config.qk_rope_head_dim
+            nope = self.config.nope_head_dim
             kv = torch.cat([fake_quant_fp8(kv[..., :nope]), kv[..., nope:]], dim=-1)
         o = torch.empty_like(q)
         for seg in segments:
