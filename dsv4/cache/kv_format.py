@@ -14,15 +14,19 @@ import math
 import torch
 
 from dsv4.model.quant import (
-    FP8_MAX, dequant_fp4, float_to_ue8m0, quant_fp4_rows, ue8m0_to_float,
+    FP8_MAX,
+    dequant_fp4,
+    float_to_ue8m0,
+    pow2_scale,
+    quant_fp4_rows,
+    ue8m0_to_float,
 )
 
 __all__ = ["EntryFormat", "entry_format"]
 
 
 def _pow2_scales(blocks: torch.Tensor, qmax: float) -> torch.Tensor:
-    amax = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4)
-    return torch.exp2(torch.ceil(torch.log2(amax / qmax)))
+    return pow2_scale(blocks.abs().amax(-1, keepdim=True), qmax, 1e-4)
 
 
 class EntryFormat:

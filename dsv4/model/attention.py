@@ -22,7 +22,7 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
 from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize
 from dsv4.model.linear import Linear
-from dsv4.model.quant import fake_quant_fp8
+from dsv4.model.quant import fake_quant_kv
 from dsv4.model.sequence_cache import LayerState
 
 __all__ = ["Attention", "Segment", "DecodeRows", "Gathered", "Shared", "sparse_attention",
@@ -170,8 +170,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
         kv = apply_rope(kv, cos, sin)
         if self.emulate_quant:
-            nope = self.config.nope_head_dim
-            kv = torch.cat([fake_quant_fp8(kv[..., :nope]), kv[..., nope:]], dim=-1)
+            kv = fake_quant_kv(kv, self.config.qk_rope_head_dim)
         o = torch.empty_like(q)
         for seg in segments:
             if isinstance(seg, DecodeRows):

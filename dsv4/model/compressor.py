@@ -17,7 +17,7 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope
 from dsv4.model.linear import Linear
-from dsv4.model.quant import fake_quant_fp4, fake_quant_fp8, hadamard
+from dsv4.model.quant import fake_quant_fp4, fake_quant_kv, hadamard
 from dsv4.model.sequence_cache import CompressorState
 
 __all__ = ["Compressor"]
@@ -101,8 +101,7 @@ class Compressor(nn.Module):
             if self.rotate:
                 entries = fake_quant_fp4(hadamard(entries))
             else:
-                nope = self.head_dim - self.rope_dim
-                entries = torch.cat([fake_quant_fp8(entries[..., :nope]), entries[..., nope:]], -1)
+                entries = fake_quant_kv(entries, self.rope_dim)
         return entries
 
     def _overlap(self, t: torch.Tensor, prev: torch.Tensor | None, fill: float) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 __all__ = [
     "FP8_MAX", "FP4_MAX", "FP4_VALUES", "ue8m0_to_float", "float_to_ue8m0",
     "dequant_fp8", "dequant_fp4", "quant_fp8_blocks", "quant_fp4_rows",
-    "fake_quant_fp8", "fake_quant_fp4", "round_to_fp4", "hadamard",
+    "fake_quant_fp8", "fake_quant_fp4", "fake_quant_kv", "round_to_fp4", "hadamard",
+    "pow2_scale",
 ]
 
 FP8_MAX = 448.0
@@ -71,7 +72,8 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = 
     return (values * s).to(dtype)
 
 
-def _pow2_scale(amax: torch.Tensor, qmax: float, floor: float) -> torch.Tensor:
+def pow2_scale(amax: torch.Tensor, qmax: float, floor: float) -> torch.Tensor:
+    """The power-of-two (ue8m0) scale that maps amax (floored) into [-qmax, qmax]."""
     return torch.exp2(torch.ceil(torch.log2(amax.clamp_min(floor) / qmax)))
 
 
@@ -86,9 +88,16 @@ def _blocked(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
 def fake_quant_fp8(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     """Round x to FP8 e4m3 with one power-of-two scale per `block` values along the last dim."""
     xb, n = _blocked(x.float(), block)
-    scale = _pow2_scale(xb.abs().amax(-1, keepdim=True), FP8_MAX, 1e-4)
+    scale = pow2_scale(xb.abs().amax(-1, keepdim=True), FP8_MAX, 1e-4)
     q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     return (q * scale).flatten(-2)[..., :n].to(x.dtype)
+
+
+def fake_quant_kv(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """The reference's KV rounding: FP8 (per-64 power-of-two scales) on the leading nope dims,
+    the trailing rope dims untouched."""
+    nope = x.shape[-1] - rope_dim
+    return torch.cat([fake_quant_fp8(x[..., :nope]), x[..., nope:]], dim=-1)
 
 
 def round_to_fp4(x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +114,7 @@ def round_to_fp4(x: torch.Tensor) -> torch.Tensor:
 def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """Round x to FP4 e2m1 with one power-of-two (e8m0) scale per `block` values."""
     xb, n = _blocked(x.float(), block)
-    scale = _pow2_scale(xb.abs().amax(-1, keepdim=True), FP4_MAX, FP4_MAX * 2.0**-126)
+    scale = pow2_scale(xb.abs().amax(-1, keepdim=True), FP4_MAX, FP4_MAX * 2.0**-126)
     q = round_to_fp4((xb / scale).clamp(-FP4_MAX, FP4_MAX))
     return (q * scale).flatten(-2)[..., :n].to(x.dtype)
 
@@ -119,7 +128,7 @@ def quant_fp8_blocks(w: torch.Tensor, block: int = 128, ue8m0: bool = True
     blocks = wp.unflatten(0, (-1, block)).unflatten(2, (-1, block))  # [R, b, C, b]
     amax = blocks.abs().amax(dim=(1, 3))
     if ue8m0:
-        scale = _pow2_scale(amax, FP8_MAX, 1e-4)
+        scale = pow2_scale(amax, FP8_MAX, 1e-4)
     else:
         scale = amax.clamp_min(1e-4) / FP8_MAX
     s = _expand_blocks(scale, rows, cols, block, block)
@@ -133,7 +142,7 @@ def quant_fp4_rows(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torc
     if cols % block:
         raise ValueError(f"FP4 weights need in_features divisible by {block}, got {cols}")
     wb = w.float().unflatten(-1, (-1, block))
-    scale = _pow2_scale(wb.abs().amax(-1, keepdim=True), FP4_MAX, FP4_MAX * 2.0**-126)
+    scale = pow2_scale(wb.abs().amax(-1, keepdim=True), FP4_MAX, FP4_MAX * 2.0**-126)
     q = round_to_fp4((wb / scale).clamp(-FP4_MAX, FP4_MAX)).flatten(-2)
     code = _CODE_OF_TWICE_MAG.to(w.device)[(q.abs() * 2).long()]
     code = code + 8 * (q < 0).long()  # -0 is stored as +0
