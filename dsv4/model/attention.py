@@ -26,7 +26,7 @@ from dsv4.model.quant import fake_quant_kv
 from dsv4.model.sequence_cache import LayerState
 
 __all__ = ["Attention", "Segment", "DecodeRows", "Gathered", "Shared", "sparse_attention",
-           "gather_rows"]
+           "gather_rows", "segment_positions"]
 
 # cap on gathered keys per query chunk (elements of [B, T, K, D]) to bound prefill memory
 _GATHER_BUDGET = 1 << 25
@@ -52,6 +52,19 @@ class DecodeRows:
     index: torch.Tensor
     positions: torch.Tensor
     store: Any
+
+
+def segment_positions(segments: list[Segment | DecodeRows], t: int,
+                      device: torch.device) -> torch.Tensor:
+    """Absolute position of every token on the step's T axis [T]; the same for every layer."""
+    positions = torch.empty(t, dtype=torch.long, device=device)
+    for seg in segments:
+        if isinstance(seg, DecodeRows):
+            positions[seg.index] = seg.positions
+        else:
+            positions[seg.begin:seg.end] = torch.arange(
+                seg.start_pos, seg.start_pos + seg.end - seg.begin, device=device)
+    return positions
 
 
 def gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -147,8 +160,10 @@ class Attention(nn.Module):
         self.indexer = Indexer(config, self.rope, fmt) if ratio == 4 else None
         self.emulate_quant = True
 
-    def forward(self, x: torch.Tensor, segments: list[Segment | DecodeRows]) -> torch.Tensor:
-        """x [B, T, dim] (normed) -> [B, T, dim].
+    def forward(self, x: torch.Tensor, segments: list[Segment | DecodeRows],
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim] (normed) -> [B, T, dim]; positions [T] as segment_positions gives them
+        (computed here when not passed).
 
         `segments` split the T axis into runs of consecutive positions of one sequence (batch
         row group): a SequenceCache forward is one segment over everything; an engine step has
@@ -158,14 +173,8 @@ class Attention(nn.Module):
         q = self.wq_b(q_lora).unflatten(-1, (self.n_heads, self.head_dim))
         q = rms_normalize(q, self.config.rms_norm_eps).to(x.dtype)
         kv = self.kv_norm(self.wkv(x))
-        t = x.shape[1]
-        positions = torch.empty(t, dtype=torch.long, device=x.device)
-        for seg in segments:
-            if isinstance(seg, DecodeRows):
-                positions[seg.index] = seg.positions
-            else:
-                positions[seg.begin:seg.end] = torch.arange(
-                    seg.start_pos, seg.start_pos + seg.end - seg.begin, device=x.device)
+        if positions is None:
+            positions = segment_positions(segments, x.shape[1], x.device)
         cos, sin = self.rope(positions)
         q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
         kv = apply_rope(kv, cos, sin)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
-from dsv4.model.attention import Attention, Segment
+from dsv4.model.attention import Attention, Segment, segment_positions
 from dsv4.model.layers import RMSNorm
 from dsv4.model.linear import Linear
 from dsv4.model.mhc import hc_head, hc_post, hc_pre
@@ -50,11 +50,11 @@ class Block(nn.Module):
                       getattr(self, f"hc_{site}_base"), c.hc_sinkhorn_iters, c.hc_eps,
                       c.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, input_ids: torch.Tensor,
-                segments: list[Segment]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor, segments: list[Segment],
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """h [B, T, hc_mult, dim] -> same shape; segments carry this layer's cache stores."""
         x, post, comb = self._mix("attn", h)
-        h = hc_post(self.attn(self.attn_norm(x), segments), h, post, comb)
+        h = hc_post(self.attn(self.attn_norm(x), segments, positions), h, post, comb)
         x, post, comb = self._mix("ffn", h)
         return hc_post(self.ffn(self.ffn_norm(x), input_ids), h, post, comb)
 
@@ -118,8 +118,12 @@ class DeepseekV4ForCausalLM(nn.Module):
         `layer_segments(layer_idx)`); returns the streams [B, T, hc_mult, dim]."""
         x = self.embed(input_ids).to(self.compute_dtype)
         h = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        positions = None
         for i, block in enumerate(self.layers):
-            h = block(h, input_ids, layer_segments(i))
+            segments = layer_segments(i)
+            if positions is None:  # the same for every layer: build once per step
+                positions = segment_positions(segments, input_ids.shape[1], input_ids.device)
+            h = block(h, input_ids, segments, positions)
         return h
 
     def logits(self, h: torch.Tensor, owner: nn.Module | None = None) -> torch.Tensor:
