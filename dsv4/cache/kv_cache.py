@@ -175,7 +175,8 @@ class _LayerStore:
         raw = self.window_flat[self._window_slots(start - count, start)]
         return self.view.cache.read("swa", raw).unsqueeze(0)
 
-    def save_window(self, kv: torch.Tensor, history: torch.Tensor | None) -> None:
+    def save_window(self, kv: torch.Tensor, window: torch.Tensor) -> None:
+        """Write the new chunk's vectors into their blocks (`window` is not needed here)."""
         start = self.view.start_pos
         slots = self._window_slots(start, start + kv.shape[1])
         self.window_flat[slots] = self.view.cache.encode("swa", kv[0])

@@ -200,8 +200,8 @@ class Attention(nn.Module):
         # window keys: up to window-1 tokens before this chunk, then the chunk itself
         hist = min(start_pos, self.window - 1)
         history = store.window_history(hist)
-        store.save_window(kv, history)
         win_kv = kv if history is None else torch.cat([history, kv], dim=1)
+        store.save_window(kv, win_kv)
 
         n_entries = 0
         if self.compressor is not None:

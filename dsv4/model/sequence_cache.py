@@ -8,7 +8,7 @@ token-by-token tests. The paged engine cache (dsv4.cache.kv_cache) implements th
 store interface over block tables, so the attention code is shared.
 
 Store interface used by the attention (B = batch rows of one segment):
-  window_history(h) -> [B, h, D]; save_window(kv_chunk, history)
+  window_history(h) -> [B, h, D]; save_window(kv_chunk, window = history + chunk)
   compressor stores: pending(c) -> (kv, score) [B, c, W]; set_pending(kv, score);
   previous() / set_previous(kv, score) [B, ratio, W]; append(entries [B, n, D]);
   entry_slots(E) -> (storage [B, S, ...], slots [E], decode) to gather entry w from
@@ -86,10 +86,10 @@ class LayerState:
             return None
         return self.window[:, -count:]
 
-    def save_window(self, kv: torch.Tensor, history: torch.Tensor | None) -> None:
-        full = kv if history is None else torch.cat([history, kv], dim=1)
-        keep = min(self.window_size - 1, full.shape[1])
-        self.window = full[:, full.shape[1] - keep:]
+    def save_window(self, kv: torch.Tensor, window: torch.Tensor) -> None:
+        """Keep the last window_size - 1 vectors of `window` (history then the new chunk)."""
+        keep = min(self.window_size - 1, window.shape[1])
+        self.window = window[:, window.shape[1] - keep:]
 
 
 @dataclass
