@@ -21,15 +21,27 @@ def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     return F.linear(rms_normalize(x.flatten(-2), eps), fn.float())
 
 
+def _collapse(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_j pre_j X_j: pre [..., n], x [..., n, d] -> [..., d] in x's dtype."""
+    return torch.matmul(pre.unsqueeze(-2), x.float()).squeeze(-2).to(x.dtype)
+
+
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Row softmax, then alternate column / row normalisation (ending on columns); in place,
-    since at decode time this is ~120 tiny ops per call and allocation is half their cost."""
-    p = logits.softmax(-1).add_(eps)
-    p.div_(p.sum(-2, keepdim=True).add_(eps))
+    """Row softmax, then alternate column / row normalisation (ending on columns).
+
+    logits [..., n, n] (source, destination). The work runs on an [n, n, tokens] copy, tokens
+    padded to a multiple of 16: each of the ~120 tiny reductions then streams over the token
+    axis (4x faster for a 4K-token prefill than reducing over a trailing size-4 axis), and
+    every token takes the same vectorised path whatever the batch size, so a token's result
+    does not depend on what it is batched with."""
+    flat = logits.flatten(0, -3)
+    tokens = flat.shape[0]
+    p = F.pad(flat.permute(1, 2, 0), (0, -tokens % 16)).softmax(1).add_(eps)
+    p.div_(p.sum(0, keepdim=True).add_(eps))
     for _ in range(iters - 1):
-        p.div_(p.sum(-1, keepdim=True).add_(eps))
-        p.div_(p.sum(-2, keepdim=True).add_(eps))
-    return p
+        p.div_(p.sum(1, keepdim=True).add_(eps))
+        p.div_(p.sum(0, keepdim=True).add_(eps))
+    return p[..., :tokens].permute(2, 0, 1).contiguous().view(logits.shape)
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
@@ -42,20 +54,21 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     post = 2 * torch.sigmoid(z[..., n:2 * n] * scale[1] + base[n:2 * n])
     comb = z[..., 2 * n:].unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)
     comb = sinkhorn(comb, iters, hc_eps)
-    collapsed = (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
-    return collapsed, post, comb
+    return _collapse(pre, x), post, comb
 
 
 def hc_post(y: torch.Tensor, residual: torch.Tensor, post: torch.Tensor,
             comb: torch.Tensor) -> torch.Tensor:
     """X'_k = post_k * y + sum_j P[j, k] * X_j."""
-    dtype = residual.dtype
-    mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), residual)
-    return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + mixed
+    dtype, n, d = residual.dtype, *residual.shape[-2:]
+    out = post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2)  # [..., n, d], the only new tensor
+    out.view(-1, n, d).baddbmm_(comb.to(dtype).transpose(-1, -2).reshape(-1, n, n),
+                                residual.reshape(-1, n, d))
+    return out
 
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
             hc_eps: float, norm_eps: float) -> torch.Tensor:
     """Final collapse of the streams (no Sinkhorn)."""
     pre = torch.sigmoid(_mixes(x, fn, norm_eps) * scale + base) + hc_eps
-    return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+    return _collapse(pre, x)
