@@ -67,6 +67,25 @@ class Bench:
                                    do_sample=False)
         return now(self.device) - t0, out[0, len(p):].tolist()
 
+    def hf_generate_rate(self, ctx: int, n: int) -> float:
+        """transformers' `generate()` tokens/s after a ctx-token prompt, the issue's baseline:
+        generate(n + 1 tokens) minus generate(1 token) (the prefill), over n tokens."""
+        p = prompts([ctx], seed=ctx)[0]
+        t_prefill = min(self.hf_generate(p, 1)[0] for _ in range(2))
+        return n / (self.hf_generate(p, n + 1)[0] - t_prefill)
+
+    def head_gemv_ms(self) -> float:
+        """One token's logits GEMV alone, as dsv4 lays the head out: a floor under any
+        engine's per-token time on this config (the head is 129,280 x 256)."""
+        w = self.llm.engine.runner.model.head.weight
+        x = torch.randn(1, w.shape[1], dtype=w.dtype, device=self.device)
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        t0 = now(self.device)
+        for _ in range(20):
+            torch.nn.functional.linear(x, w)
+        return (now(self.device) - t0) / 20 * 1000
+
     def decode_rate(self, ctx: int, n: int, hf: bool) -> float:
         """Single-stream decode tokens/s after a `ctx`-token prompt: prefill, then time n
         greedy steps of one token (dsv4: engine steps; transformers: forwards with its cache,
@@ -126,8 +145,13 @@ def main() -> None:
         if "decode" in parts:
             ours = b.decode_rate(1024, 32, hf=False)
             theirs = b.decode_rate(1024, 32, hf=True)
-            print(f"single-stream decode @1K: dsv4 {ours:.1f} tok/s, transformers "
+            gen = b.hf_generate_rate(1024, 32)
+            head = b.head_gemv_ms()
+            print(f"single-stream decode @1K: dsv4 {ours:.1f} tok/s; transformers generate() "
+                  f"{gen:.1f} tok/s -> {ours / gen:.1f}x; transformers forward loop "
                   f"{theirs:.1f} tok/s -> {ours / theirs:.1f}x")
+            print(f"  head GEMV alone {head:.2f} ms/token (ceiling {1000 / head:.0f} tok/s); "
+                  f"5x generate() needs {1000 / (5 * gen):.2f} ms/token")
         if "batch" in parts:
             lengths = [16 + (i * 97) % 500 for i in range(32)]
             ps = prompts(lengths, seed=2)
