@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dsv4.config import ModelConfig
 from dsv4.llm import LLM
@@ -34,6 +35,21 @@ def now(device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def gemm_peak(device: str) -> float:
+    """Best fp32 (bf16 on CUDA) GEMM rate of a few prefill-like shapes, GFLOP/s."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    best = 0.0
+    for m, k, n in [(4096, 256, 256), (4096, 256, 512), (4096, 1024, 1024)]:
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        w = torch.randn(k, n, dtype=dtype, device=device)
+        a @ w
+        t0 = now(device)
+        for _ in range(10):
+            a @ w
+        best = max(best, 2 * m * k * n * 10 / (now(device) - t0) / 1e9)
+    return best
 
 
 def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -161,6 +177,13 @@ def main() -> None:
             print(f"32 concurrent requests (prompts 16-511, 32 tokens each): dsv4 batched "
                   f"{n_ours / t_ours:.1f} tok/s, transformers one by one "
                   f"{32 * 32 / t_theirs:.1f} tok/s -> {(n_ours / t_ours) / (1024 / t_theirs):.1f}x")
+            with FlopCounterMode(display=False) as flops:  # a second, untimed run
+                b.dsv4_generate(ps, 32)
+            gflop = flops.get_total_flops() / 1e9
+            print(f"  dsv4: {gflop:.0f} GFLOP of matmuls in {t_ours:.2f} s = "
+                  f"{gflop / t_ours:.0f} GFLOP/s; 20x needs it in {t_theirs / 20:.2f} s = "
+                  f"{gflop * 20 / t_theirs:.0f} GFLOP/s; this machine's fp32 GEMM peak: "
+                  f"{gemm_peak(args.device):.0f} GFLOP/s")
         if "prefill" in parts:
             n, n_hf = args.prefill_tokens, min(args.prefill_tokens, args.hf_prefill_tokens)
             ps = prompts([n], seed=3)
