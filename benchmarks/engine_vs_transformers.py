@@ -10,6 +10,7 @@ Tiny config with the real 129,280-token vocabulary: 6 layers (2 swa, 2 csa, 2 hc
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -102,32 +103,36 @@ class Bench:
             torch.nn.functional.linear(x, w)
         return (now(self.device) - t0) / 20 * 1000
 
-    def decode_rate(self, ctx: int, n: int, hf: bool) -> float:
-        """Single-stream decode tokens/s after a `ctx`-token prompt: prefill, then time n
-        greedy steps of one token (dsv4: engine steps; transformers: forwards with its cache,
-        which is what generate() runs per token)."""
+    def decode_rate(self, ctx: int, n: int, hf: bool, warm: int = 3) -> float:
+        """Single-stream decode tokens/s after a `ctx`-token prompt: prefill, `warm` untimed
+        steps (the first steps after a long prefill pay for fresh memory), then n timed steps
+        of one token; the rate is 1 / the median step time (this machine is shared and single
+        steps spike). dsv4: engine steps; transformers: forwards with its cache, which is
+        what generate() runs per token."""
         p = prompts([ctx], seed=ctx)
+        times = []
         if hf:
             with torch.no_grad():
                 out = self.hf(torch.tensor(p, device=self.device), use_cache=True,
                               logits_to_keep=1)
                 cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
-                t0 = now(self.device)
-                for _ in range(n):
+                for i in range(warm + n):
+                    t0 = now(self.device)
                     out = self.hf(nxt, cache=cache, use_cache=True)
                     nxt = out.logits[:, -1:].argmax(-1)
-                return n / (now(self.device) - t0)
-        eng = self.llm.engine
-        eng.add_request(f"ctx{ctx}", p[0], SamplingParams(temperature=0, max_tokens=n + 2,
-                                                          ignore_eos=True))
-        while not any(o.new_token_ids for o in eng.step()):
-            pass  # prefill (chunked) until the first token
-        t0 = now(self.device)
-        for _ in range(n):
-            eng.step()
-        rate = n / (now(self.device) - t0)
-        eng.abort_request(f"ctx{ctx}")
-        return rate
+                    times.append(now(self.device) - t0)
+        else:
+            eng = self.llm.engine
+            eng.add_request(f"ctx{ctx}", p[0], SamplingParams(
+                temperature=0, max_tokens=warm + n + 2, ignore_eos=True))
+            while not any(o.new_token_ids for o in eng.step()):
+                pass  # prefill (chunked) until the first token
+            for _ in range(warm + n):
+                t0 = now(self.device)
+                eng.step()
+                times.append(now(self.device) - t0)
+            eng.abort_request(f"ctx{ctx}")
+        return 1 / statistics.median(times[warm:])
 
 
 def main() -> None:

@@ -28,7 +28,13 @@ def _generate(argv: list[str]) -> int:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     p.add_argument("--no-emulate-quant", action="store_true",
                    help="turn off the reference's FP8/FP4 KV and indexer rounding")
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as one user message through the official V4 chat "
+                        "encoding (thinking on, as DeepSeek's API)")
+    p.add_argument("--no-thinking", action="store_true", help="with --chat: chat mode")
     args = p.parse_args(argv)
+    if args.no_thinking and not args.chat:
+        p.error("--no-thinking needs --chat")
 
     from dsv4.llm import LLM
     from dsv4.sampling_params import SamplingParams
@@ -45,13 +51,18 @@ def _generate(argv: list[str]) -> int:
               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
     start = time.perf_counter()
     try:
-        outputs = llm.generate(args.prompts, params, use_tqdm=len(args.prompts) > 1)
+        if args.chat:
+            outputs = llm.chat([[{"role": "user", "content": text}] for text in args.prompts],
+                               params, use_tqdm=len(args.prompts) > 1,
+                               chat_template_kwargs={"thinking": not args.no_thinking})
+        else:
+            outputs = llm.generate(args.prompts, params, use_tqdm=len(args.prompts) > 1)
     except ValueError as exc:
         p.error(str(exc))
     elapsed = time.perf_counter() - start
     n_out = sum(len(o.outputs[0].token_ids) for o in outputs)
-    for out in outputs:
-        print(f"{out.prompt!r} -> {out.outputs[0].text!r}")
+    for text, out in zip(args.prompts, outputs, strict=True):
+        print(f"{text!r} -> {out.outputs[0].text!r}")
     print(f"[{len(outputs)} prompts, {n_out} generated tokens in {elapsed:.2f}s]",
           file=sys.stderr)
     return 0

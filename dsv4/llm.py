@@ -3,6 +3,7 @@
     llm = LLM()                                   # the embedded demo model
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=16))
     outs[0].outputs[0].text, .token_ids, .logprobs, .finish_reason
+    outs = llm.chat([{"role": "user", "content": "Hi"}], chat_template_kwargs={"thinking": False})
 
 Text in, text out: prompts are tokenized here and outputs detokenized incrementally (stop
 strings end a completion as soon as they appear). The engine below only sees token ids.
@@ -19,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv4.detokenizer import IncrementalDetokenizer
+from dsv4.encoding import encode_messages
+from dsv4.encoding_request import encoder_args_from_request
 from dsv4.engine.llm_engine import LLMEngine, TokenLogprobs
 from dsv4.sampling_params import SamplingParams
 from dsv4.tokenizer import Tokenizer
@@ -124,3 +127,32 @@ class LLM:
                         bar.update(1)
         bar.close()
         return list(results.values())
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+             tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None,
+             reasoning_effort: str | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Chat in vLLM's shape: one conversation (a list of OpenAI-style messages) or a list of
+        conversations, each rendered with the official V4 encoding exactly as the server
+        renders a request with these fields (thinking on unless chat_template_kwargs or
+        reasoning_effort turn it off, as DeepSeek's API). Outputs hold the raw completion
+        text; `dsv4.encoding_parse.parse_message_from_completion_text` splits it into
+        reasoning_content, content and tool_calls. Bad messages raise ValueError."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of messages or conversations")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = []
+        for i, conversation in enumerate(conversations):
+            if not isinstance(conversation, list) or not all(
+                    isinstance(m, dict) for m in conversation):
+                raise ValueError(f"messages: conversation {i} must be a list of message objects")
+            request = {"messages": conversation, "tools": tools,
+                       "chat_template_kwargs": chat_template_kwargs,
+                       "reasoning_effort": reasoning_effort}
+            try:
+                prompts.append(encode_messages(**encoder_args_from_request(request)))
+            except (TypeError, AttributeError, KeyError) as exc:
+                raise ValueError(f"messages: {exc}") from exc
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -238,3 +238,28 @@ def test_offline_stop_string_cuts_text_and_frees(tiny_checkpoint):
     assert full.text.startswith(cut.text) and stop not in cut.text
     assert len(cut.logprobs) == len(cut.token_ids) < 20
     assert llm.engine.block_manager.all_free()
+
+
+def test_chat_renders_the_official_prompt(tiny_checkpoint):
+    from dsv4.encoding import encode_messages
+
+    llm = make_llm(tiny_checkpoint(tiny_config(vocab_size=129280)), max_model_len=256,
+                   max_num_batched_tokens=128)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    outs = llm.chat([conv, conv[1:]], params, chat_template_kwargs={"thinking": False})
+    assert [o.prompt for o in outs] == [encode_messages(conv, "chat"),
+                                        encode_messages(conv[1:], "chat")]
+    plain = llm.generate(outs[0].prompt, params)[0]
+    assert outs[0].outputs[0].token_ids == plain.outputs[0].token_ids
+    assert len(outs[1].outputs[0].token_ids) == 3
+    # no thinking field: thinking is on, as DeepSeek's API
+    assert llm.chat(conv, params)[0].prompt == encode_messages(conv, "thinking")
+    for bad in ([], ["hello"], [{"role": "user", "content": 5}]):
+        with pytest.raises(ValueError, match="messages"):
+            llm.chat(bad)
+    with pytest.raises(ValueError, match="role 'robot'"):
+        llm.chat([{"role": "robot", "content": "x"}])
+    with pytest.raises(ValueError, match="thinking"):
+        llm.chat(conv, params, chat_template_kwargs={"thinking": "sometimes"})
+    assert llm.engine.block_manager.all_free()

@@ -1,0 +1,36 @@
+"""`dsv4 generate` end to end on a tiny checkpoint with the real tokenizer's vocabulary."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_config
+
+from dsv4.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from dsv4.model import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("cli") / "ck", tiny_config(vocab_size=129280),
+                            tokenizer=False)
+
+
+def test_generate_plain_and_chat(checkpoint, capsys):
+    base = ["generate", "--model", str(checkpoint), "--device", "cpu", "--max-tokens", "3",
+            "--max-model-len", "128"]
+    assert main([*base, "Hello", "Bonjour"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" -> ")[0] for line in lines] == ["'Hello'", "'Bonjour'"]
+    assert main([*base, "--chat", "--no-thinking", "Hello"]) == 0
+    assert capsys.readouterr().out.startswith("'Hello' -> ")
+
+
+def test_generate_rejects_bad_flags(checkpoint, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--no-thinking", "Hello"])
+    assert exc.value.code == 2
+    assert "--no-thinking needs --chat" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(checkpoint), "--temperature", "-1", "Hello"])
+    assert "temperature" in capsys.readouterr().err
