@@ -52,9 +52,9 @@ def _add(out: dict[str, int], key: str, macs: int) -> None:
 
 # ---- DeepSeek-V4 ----------------------------------------------------------------------------
 def _mhc_macs(n: int, d: int) -> int:
-    """phi: (2n + n^2) x n*d and the stream mixing P^T X: n*n*d. The collapse sum_j pre_j X_j
-    is a weighted sum done elementwise (like the compressor's pooling) and is not counted."""
-    return (2 * n + n * n) * n * d + n * n * d
+    """phi: (2n + n^2) x n*d, the collapse sum_j pre_j X_j: n*d (a [1 x n] x [n x d] matmul
+    per token) and the stream mixing P^T X: n*n*d."""
+    return (2 * n + n * n) * n * d + n * d + n * n * d
 
 
 def v4_layer_flops(cfg: ModelConfig, layer_id: int, context: int) -> dict[str, int]:
@@ -89,10 +89,10 @@ def v4_layer_flops(cfg: ModelConfig, layer_id: int, context: int) -> dict[str, i
 
 
 def v4_top_flops(cfg: ModelConfig) -> dict[str, int]:
-    """Outside the layers: hc_head's map (phi_h: n x n*d) and the lm_head."""
+    """Outside the layers: hc_head's map (phi_h: n x n*d) and collapse (n*d), the lm_head."""
     n, d = cfg.hc_mult, cfg.hidden_size
     out: dict[str, int] = {}
-    _add(out, "mhc", n * n * d)
+    _add(out, "mhc", n * n * d + n * d)
     _add(out, "head", d * cfg.vocab_size)
     return out
 
