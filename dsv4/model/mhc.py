@@ -62,8 +62,9 @@ def hc_post(y: torch.Tensor, residual: torch.Tensor, post: torch.Tensor,
     """X'_k = post_k * y + sum_j P[j, k] * X_j."""
     dtype, n, d = residual.dtype, *residual.shape[-2:]
     out = post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2)  # [..., n, d], the only new tensor
-    flat = out.view(-1, n, d)  # accumulate into it (out= rather than baddbmm_: FLOP counters
-    torch.baddbmm(flat, comb.to(dtype).transpose(-1, -2).reshape(-1, n, n),  # see this one)
+    # accumulate the mix into it; out= rather than baddbmm_, which FLOP counters do not see
+    flat = out.view(-1, n, d)
+    torch.baddbmm(flat, comb.to(dtype).transpose(-1, -2).reshape(-1, n, n),
                   residual.reshape(-1, n, d), out=flat)
     return out
 
