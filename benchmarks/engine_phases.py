@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from engine_vs_transformers import CONFIG, now, prompts
+from engine_vs_transformers import BATCH_LENGTHS, CONFIG, compute_dtype, now, prompts
 
 from dsv4.llm import LLM
 from dsv4.model import write_checkpoint
@@ -28,13 +28,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(Path(tmp) / "ck", CONFIG, tokenizer=False)
-        engine = LLM(path, device=args.device, dtype=dtype, emulate_quant=False,
-                     max_model_len=4096, kv_cache_memory=2 << 30,
+        engine = LLM(path, device=args.device, dtype=compute_dtype(args.device),
+                     emulate_quant=False, max_model_len=4096, kv_cache_memory=2 << 30,
                      max_num_batched_tokens=4096).engine
-        ps = prompts([16 + (i * 97) % 500 for i in range(32)], seed=2)
+        ps = prompts(BATCH_LENGTHS, seed=2)
         params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
         prefill, decode = [], []
         for r in range(args.rounds):

@@ -32,6 +32,14 @@ CONFIG = ModelConfig(
 )
 
 
+# the 32 concurrent requests: prompts of 16-511 tokens (8,124 in all), 32 new tokens each
+BATCH_LENGTHS = [16 + (i * 97) % 500 for i in range(32)]
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
 def now(device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -40,7 +48,7 @@ def now(device: str) -> float:
 
 def gemm_peak(device: str) -> float:
     """Best fp32 (bf16 on CUDA) GEMM rate of a few prefill-like shapes, GFLOP/s."""
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = compute_dtype(device)
     best = 0.0
     for m, k, n in [(4096, 256, 256), (4096, 256, 512), (4096, 1024, 1024)]:
         a = torch.randn(m, k, dtype=dtype, device=device)
@@ -63,7 +71,7 @@ class Bench:
         import transformers
 
         self.device = device
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        dtype = compute_dtype(device)
         self.llm = LLM(path, device=device, dtype=dtype, emulate_quant=False,
                        max_model_len=160_000, kv_cache_memory=2 << 30,
                        max_num_batched_tokens=4096)
@@ -174,8 +182,7 @@ def main() -> None:
             print(f"  head GEMV alone {head:.2f} ms/token (ceiling {1000 / head:.0f} tok/s); "
                   f"5x generate() needs {1000 / (5 * gen):.2f} ms/token")
         if "batch" in parts:
-            lengths = [16 + (i * 97) % 500 for i in range(32)]
-            ps = prompts(lengths, seed=2)
+            ps = prompts(BATCH_LENGTHS, seed=2)
             t_ours, outs = b.dsv4_generate(ps, 32)
             n_ours = sum(len(o.outputs[0].token_ids) for o in outs)
             t_theirs = sum(b.hf_generate(p_, 32)[0] for p_ in ps)
