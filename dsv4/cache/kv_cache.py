@@ -6,7 +6,7 @@ Layout, per kind, one tensor over all layers of that kind (B = block_size, r = r
     csa       [n_csa, num_csa_blocks, B/4, D]          main compressed entries
     csa_index [n_csa, num_csa_blocks, B/4, D_index]    indexer keys
     hca       [n_hca, num_hca_blocks, B/r, D]
-    states    [n_layers_of_kind, num_slots, rows, width] x (kv, score), fp32: the unfinished
+    states    [n_layers_of_kind, num_slots, rows, width] x (kv, score), state_dtype: the unfinished
               window (rows [ratio:] with CSA overlap, else [0:]) and CSA's previous window
               (rows [0:ratio])
 
@@ -29,11 +29,19 @@ from dsv4.config import ModelConfig
 
 __all__ = ["KVCache", "RequestView"]
 
+_STATE_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def _widened(state: torch.Tensor) -> torch.Tensor:
+    """A copy of compressor state for pooling: bf16 state is pooled in fp32, wider dtypes as is."""
+    return state.float() if state.dtype == torch.bfloat16 else state.clone()
+
 
 class KVCache:
     def __init__(self, config: ModelConfig, block_manager: BlockManager,
                  device: torch.device | str, compute_dtype: torch.dtype,
-                 kv_cache_dtype: str = "fp32", index_cache_dtype: str | None = None) -> None:
+                 kv_cache_dtype: str = "fp32", index_cache_dtype: str | None = None,
+                 state_dtype: str = "fp32") -> None:
         self.config, self.block_size = config, block_manager.block_size
         self.device, self.compute_dtype = torch.device(device), compute_dtype
         d, di, bs = config.head_dim, config.index_head_dim, self.block_size
@@ -48,6 +56,7 @@ class KVCache:
         for kind in kinds:
             self.kind_index.append(counts[kind])
             counts[kind] += 1
+        sdt = _STATE_TORCH_DTYPES[state_dtype]
         pools = block_manager.pools
         slots = block_manager.state_pool.num_blocks
 
@@ -55,8 +64,8 @@ class KVCache:
             return torch.zeros(*shape, fmt.nbytes, dtype=fmt.storage_dtype, device=self.device)
 
         def state(*shape: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return (torch.zeros(*shape, dtype=torch.float32, device=self.device),
-                    torch.zeros(*shape, dtype=torch.float32, device=self.device))
+            return (torch.zeros(*shape, dtype=sdt, device=self.device),
+                    torch.zeros(*shape, dtype=sdt, device=self.device))
 
         self.swa = entries(main, len(kinds), pools["swa"].num_blocks, bs)
         self.entries: dict[str, torch.Tensor] = {}
@@ -127,8 +136,8 @@ class _CompressorStore:
         if count == 0:
             return None
         off = self.ratio if self.overlap else 0
-        return (self.kv[off:off + count].unsqueeze(0).clone(),
-                self.score[off:off + count].unsqueeze(0).clone())
+        return (_widened(self.kv[off:off + count].unsqueeze(0)),
+                _widened(self.score[off:off + count].unsqueeze(0)))
 
     def set_pending(self, kv: torch.Tensor, score: torch.Tensor) -> None:
         off, n = (self.ratio if self.overlap else 0), kv.shape[1]
@@ -137,7 +146,7 @@ class _CompressorStore:
 
     def previous(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         m = self.ratio
-        return self.kv[:m].unsqueeze(0).clone(), self.score[:m].unsqueeze(0).clone()
+        return _widened(self.kv[:m].unsqueeze(0)), _widened(self.score[:m].unsqueeze(0))
 
     def set_previous(self, kv: torch.Tensor, score: torch.Tensor) -> None:
         self.kv[: self.ratio] = kv[0]
@@ -258,8 +267,8 @@ class _BatchedCompressorStore:
     def write_token(self, kv: torch.Tensor, score: torch.Tensor) -> None:
         g = self.group
         row = g.positions % self.ratio + (self.ratio if self.overlap else 0)
-        self.kv[g.slots, row] = kv
-        self.score[g.slots, row] = score
+        self.kv[g.slots, row] = kv.to(self.kv.dtype)
+        self.score[g.slots, row] = score.to(self.score.dtype)
 
     def completing_rows(self) -> torch.Tensor | None:
         done = [r for r, p in enumerate(self.group.pos_list) if (p + 1) % self.ratio == 0]
@@ -268,7 +277,7 @@ class _BatchedCompressorStore:
     def completed_windows(self, done: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[R_done, slots, D] kv and scores of the windows completed by this token."""
         slots, m = self.group.slots[done], self.ratio
-        kv, score = self.kv[slots], self.score[slots]  # [R_done, rows, width]
+        kv, score = _widened(self.kv[slots]), _widened(self.score[slots])  # [R_done, rows, width]
         if not self.overlap:
             return kv, score
         first = (self.group.positions[done] + 1 == m).view(-1, 1, 1)  # no previous window

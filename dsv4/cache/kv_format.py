@@ -99,7 +99,7 @@ class EntryFormat:
 
 def entry_format(cache_dtype: str, dim: int, rope_dim: int, key: bool = False) -> EntryFormat:
     """The format for a main entry (key=False) or an indexer key stored as `cache_dtype`."""
-    plain = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    plain = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
     if cache_dtype in plain:
         return EntryFormat("plain", dim, rope_dim, plain[cache_dtype])
     if cache_dtype == "fp8":

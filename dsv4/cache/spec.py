@@ -30,13 +30,13 @@ __all__ = [
 
 CacheKind = str  # "swa" | "csa" | "hca"
 CACHE_KINDS: tuple[CacheKind, ...] = ("swa", "csa", "hca")
-KV_CACHE_DTYPES = ("bf16", "fp8", "fp32")
-INDEX_CACHE_DTYPES = ("fp4", "fp8", "bf16", "fp32")
-STATE_DTYPES = ("fp32", "bf16")
-_DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+KV_CACHE_DTYPES = ("bf16", "fp8", "fp32", "fp64")
+INDEX_CACHE_DTYPES = ("fp4", "fp8", "bf16", "fp32", "fp64")
+STATE_DTYPES = ("fp32", "bf16", "fp64")
+_DTYPE_BYTES = {"bf16": 2, "fp32": 4, "fp64": 8}
 # default indexer-key format for each main format: FP8 entries pair with FP4 keys, which is what
 # the reference emulates (architecture.md 3.3); plain formats keep the same dtype.
-DEFAULT_INDEX_CACHE_DTYPE = {"fp8": "fp4", "bf16": "bf16", "fp32": "fp32"}
+DEFAULT_INDEX_CACHE_DTYPE = {"fp8": "fp4", "bf16": "bf16", "fp32": "fp32", "fp64": "fp64"}
 
 
 def entry_bytes(kv_cache_dtype: str, head_dim: int, rope_dim: int) -> int:

@@ -28,10 +28,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192  # token budget of one step (prefill chunks + decodes)
     block_size: int = 256  # source tokens per cache block, every kind (design-anchors 6.5)
     kv_cache_memory: int | None = None  # bytes for KV pools + compressor states; None: profile
-    kv_cache_dtype: str = "bf16"  # main / window entries: "bf16" | "fp8" (584 B) | "fp32"
-    index_cache_dtype: str | None = None  # indexer keys: "fp4" | "fp8" | "bf16" | "fp32"; None:
+    kv_cache_dtype: str = "bf16"  # main / window entries: "bf16" | "fp8" (584 B) | "fp32" | "fp64"
+    index_cache_dtype: str | None = None  # indexer keys: "fp4" | "fp8" | plain; None:
     # fp8 -> fp4, otherwise the same as kv_cache_dtype
-    compressor_state_dtype: str = "fp32"  # "fp32" | "bf16"
+    compressor_state_dtype: str = "fp32"  # "fp32" | "bf16" | "fp64"
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):

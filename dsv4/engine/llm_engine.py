@@ -31,6 +31,8 @@ __all__ = ["LLMEngine", "EngineOutput", "TokenLogprobs", "StepError", "default_k
 
 logger = logging.getLogger(__name__)
 
+_PLAIN_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16"}
+
 
 class StepError(RuntimeError):
     """A step failed; its requests (`request_ids`) were aborted, the engine is usable."""
@@ -83,7 +85,8 @@ class LLMEngine:
         self.block_manager = BlockManager.from_config(model.config, engine_config)
         self.scheduler = Scheduler(engine_config, self.block_manager)
         self.runner = ModelRunner(model, self.block_manager, engine_config.kv_cache_dtype,
-                                  engine_config.index_cache_dtype)
+                                  engine_config.index_cache_dtype,
+                                  engine_config.compressor_state_dtype)
         info = self.cache_info()
         logger.info("KV cache: %.2f GiB (%s entries, %s indexer keys), %.1f B/token, "
                     "%.2f GiB per %d-token sequence, %d state slots",
@@ -209,7 +212,7 @@ class LLMEngine:
 
 def make_engine_config(model: DeepseekV4ForCausalLM, **engine_args: Any) -> EngineConfig:
     """EngineConfig with device-aware defaults: the cache stores the compute dtype (fp32 on
-    CPU, bf16 on GPU) unless kv_cache_dtype says otherwise ("fp8": 584-byte entries with FP4
+    CPU, bf16 on GPU, fp64 and fp64 window state for an fp64 model) unless kv_cache_dtype says otherwise ("fp8": 584-byte entries with FP4
     indexer keys), max_model_len is the model's context (capped at 1M), the budget a share of
     free memory."""
     device = model.embed.weight.device
@@ -218,7 +221,9 @@ def make_engine_config(model: DeepseekV4ForCausalLM, **engine_args: Any) -> Engi
     if unknown:
         raise ValueError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
     if args.get("kv_cache_dtype") is None:
-        args["kv_cache_dtype"] = "fp32" if model.compute_dtype == torch.float32 else "bf16"
+        args["kv_cache_dtype"] = _PLAIN_NAMES.get(model.compute_dtype, "bf16")
+    if model.compute_dtype == torch.float64:  # an fp64 model keeps its window state in fp64
+        args.setdefault("compressor_state_dtype", "fp64")
     if args.get("index_cache_dtype") is None and args["kv_cache_dtype"] != "fp8":
         args["index_cache_dtype"] = args["kv_cache_dtype"]  # fp8 entries pair with fp4 keys
     if args.get("max_model_len") is None:

@@ -23,11 +23,12 @@ __all__ = ["ModelRunner"]
 
 class ModelRunner:
     def __init__(self, model: DeepseekV4ForCausalLM, block_manager: BlockManager,
-                 kv_cache_dtype: str = "fp32", index_cache_dtype: str | None = None) -> None:
+                 kv_cache_dtype: str = "fp32", index_cache_dtype: str | None = None,
+                 state_dtype: str = "fp32") -> None:
         self.model = model
         self.device = model.embed.weight.device
         self.kv_cache = KVCache(model.config, block_manager, self.device, model.compute_dtype,
-                                kv_cache_dtype, index_cache_dtype)
+                                kv_cache_dtype, index_cache_dtype, state_dtype)
         self.sampler = Sampler()
 
     @torch.inference_mode()

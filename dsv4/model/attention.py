@@ -20,7 +20,7 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
-from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize
+from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize, upcast
 from dsv4.model.linear import Linear
 from dsv4.model.quant import fake_quant_kv
 from dsv4.model.sequence_cache import LayerState
@@ -107,21 +107,21 @@ def sparse_attention(q: torch.Tensor, sources: list[Gathered | Shared], sink: to
     """One softmax over the keys of all sources plus a value-less sink logit (K = V).
 
     q [B, T, H, D] -> [B, T, H, D]."""
-    qf = q.float()
+    qf = upcast(q)
     values, logits = [], []
     for src in sources:
         if isinstance(src, Shared):
-            keys = src.keys.float()
+            keys = upcast(src.keys)
             part = torch.einsum("bthd,bkd->bthk", qf, keys)
             valid = src.visible
         else:
-            keys = _read(gather_rows(src.kv, src.idx), src.decode).float()  # [B, T, K, D]
+            keys = upcast(_read(gather_rows(src.kv, src.idx), src.decode))  # [B, T, K, D]
             part = torch.einsum("bthd,btkd->bthk", qf, keys)
             valid = src.idx >= 0
         logits.append(part.masked_fill(~valid.unsqueeze(2), float("-inf")) * scale)
         values.append(keys)
     logit = torch.cat(logits, dim=-1) if len(logits) > 1 else logits[0]
-    sink = sink.float().view(1, 1, -1, 1)
+    sink = sink.to(qf.dtype).view(1, 1, -1, 1)
     top = torch.maximum(logit.amax(-1, keepdim=True), sink)
     weights = (logit - top).exp()
     weights = weights / (weights.sum(-1, keepdim=True) + (sink - top).exp())
@@ -137,7 +137,8 @@ def sparse_attention(q: torch.Tensor, sources: list[Gathered | Shared], sink: to
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, ratio: int) -> None:
+    def __init__(self, config: ModelConfig, ratio: int, rope: RotaryEmbedding | None = None
+                 ) -> None:
         super().__init__()
         fmt = "fp8" if config.weight_dtype == "fp8" else "dense"
         sdt = torch.float8_e8m0fnu if config.scale_fmt == "ue8m0" else torch.float32
@@ -154,7 +155,7 @@ class Attention(nn.Module):
         self.wo_a = Linear(group_in, config.o_groups * config.o_lora_rank, fmt, sdt)
         self.wo_b = Linear(config.o_groups * config.o_lora_rank, config.hidden_size, fmt, sdt)
         self.attn_sink = nn.Parameter(torch.empty(self.n_heads), requires_grad=False)
-        self.rope = RotaryEmbedding(config, compressed=ratio > 0)
+        self.rope = rope or RotaryEmbedding(config, compressed=ratio > 0)
         self.compressor = (Compressor(config, ratio, self.head_dim, rotate=False, rope=self.rope)
                            if ratio else None)
         self.indexer = Indexer(config, self.rope, fmt) if ratio == 4 else None
@@ -175,7 +176,7 @@ class Attention(nn.Module):
         kv = self.kv_norm(self.wkv(x))
         if positions is None:
             positions = segment_positions(segments, x.shape[1], x.device)
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope.step(positions)
         q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
         kv = apply_rope(kv, cos, sin)
         if self.emulate_quant:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
-from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope
+from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, upcast
 from dsv4.model.linear import Linear
 from dsv4.model.quant import fake_quant_fp4, fake_quant_kv, hadamard
 from dsv4.model.sequence_cache import CompressorState
@@ -46,7 +46,7 @@ class Compressor(nn.Module):
         the second window on. Both follow from the position, so a reused state slot needs no
         reset."""
         m = self.ratio
-        xf = x.float()
+        xf = upcast(x)
         kv = self.wkv(xf)
         positions = torch.arange(start_pos, start_pos + x.shape[1], device=x.device)
         score = self.wgate(xf) + self.ape[positions % m]
@@ -79,7 +79,7 @@ class Compressor(nn.Module):
         completed_windows() (already in the [R_done, slots, D] layout of _overlap) and appended.
         """
         m = self.ratio
-        xf = x.float()
+        xf = upcast(x)
         score = self.wgate(xf) + self.ape[positions % m]
         state.write_token(self.wkv(xf), score)
         done = state.completing_rows()

@@ -16,7 +16,7 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.model.attention import Attention, Segment, segment_positions
-from dsv4.model.layers import RMSNorm
+from dsv4.model.layers import RMSNorm, RotaryEmbedding
 from dsv4.model.linear import Linear
 from dsv4.model.mhc import hc_head, hc_post, hc_pre
 from dsv4.model.moe import MoE
@@ -30,10 +30,11 @@ def _fp32_param(*shape: int) -> nn.Parameter:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, ratio: int, is_hash: bool) -> None:
+    def __init__(self, config: ModelConfig, ratio: int, is_hash: bool,
+                 rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.config = config
-        self.attn = Attention(config, ratio)
+        self.attn = Attention(config, ratio, rope)
         self.ffn = MoE(config, is_hash)
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -62,8 +63,8 @@ class Block(nn.Module):
 class MTPBlock(Block):
     """Multi-token-prediction head: one sliding-window block on top of the trunk's streams."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config, ratio=0, is_hash=False)
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding | None = None) -> None:
+        super().__init__(config, ratio=0, is_hash=False, rope=rope)
         fmt = "fp8" if config.weight_dtype == "fp8" else "dense"
         sdt = torch.float8_e8m0fnu if config.scale_fmt == "ue8m0" else torch.float32
         d, n = config.hidden_size, config.hc_mult
@@ -83,14 +84,19 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.config = config
         d, n = config.hidden_size, config.hc_mult
         self.embed = nn.Embedding(config.vocab_size, d)
+        # one RoPE per flavour for the whole model: a step's cos/sin are computed once, not
+        # once per layer (RotaryEmbedding.step)
+        ropes = {c: RotaryEmbedding(config, compressed=c) for c in (False, True)}
         self.layers = nn.ModuleList(
-            Block(config, r, config.is_hash_layer(i)) for i, r in enumerate(config.compress_ratios))
+            Block(config, r, config.is_hash_layer(i), ropes[r > 0])
+            for i, r in enumerate(config.compress_ratios))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.head = nn.Linear(d, config.vocab_size, bias=False)
         self.hc_head_fn, self.hc_head_base = _fp32_param(n, n * d), _fp32_param(n)
         self.hc_head_scale = _fp32_param(1)
         self.mtp = nn.ModuleList(
-            MTPBlock(config) for _ in range(config.num_nextn_predict_layers if with_mtp else 0))
+            MTPBlock(config, ropes[False])
+            for _ in range(config.num_nextn_predict_layers if with_mtp else 0))
         for p in self.parameters():
             p.requires_grad_(False)
         self.compute_dtype = torch.float32

@@ -14,7 +14,7 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.model.compressor import Compressor
-from dsv4.model.layers import RotaryEmbedding, apply_rope
+from dsv4.model.layers import RotaryEmbedding, apply_rope, upcast
 from dsv4.model.linear import Linear
 from dsv4.model.quant import fake_quant_fp4, hadamard
 
@@ -65,8 +65,8 @@ class Indexer(nn.Module):
         q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
         if self.emulate_quant:
             q = fake_quant_fp4(hadamard(q))
-        weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        logits = torch.einsum("bthd,bed->bthe", q.float(), keys.float())
+        weights = upcast(self.weights_proj(x)) * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        logits = torch.einsum("bthd,bed->bthe", upcast(q), upcast(keys))
         scores = (logits.relu() * weights.unsqueeze(-1)).sum(dim=2)  # [B, T, E]
         entry = torch.arange(keys.shape[1], device=x.device)
         visible = entry < ((positions + 1) // 4).unsqueeze(-1)  # [B or 1, T, E]

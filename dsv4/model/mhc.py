@@ -12,18 +12,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv4.model.layers import rms_normalize
+from dsv4.model.layers import rms_normalize, upcast
 
 __all__ = ["hc_pre", "hc_post", "hc_head"]
 
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.linear(rms_normalize(x.flatten(-2), eps), fn.float())
+    normed = rms_normalize(x.flatten(-2), eps)
+    return F.linear(normed, fn.to(normed.dtype))
 
 
 def _collapse(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum_j pre_j X_j: pre [..., n], x [..., n, d] -> [..., d] in x's dtype."""
-    return torch.matmul(pre.unsqueeze(-2), x.float()).squeeze(-2).to(x.dtype)
+    return torch.matmul(pre.unsqueeze(-2), upcast(x)).squeeze(-2).to(x.dtype)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

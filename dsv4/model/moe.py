@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.model.layers import upcast
 from dsv4.model.linear import Linear
 
 __all__ = ["MoE", "Expert", "Gate"]
@@ -36,7 +37,7 @@ class Expert(nn.Module):
         self.limit = limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        gate, up = self.w1(x).float(), self.w3(x).float()
+        gate, up = upcast(self.w1(x)), upcast(self.w3(x))
         if self.limit > 0:
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
         h = F.silu(gate) * up
@@ -62,7 +63,8 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, dim], input_ids [N] -> (weights [N, k] fp32, expert ids [N, k])."""
-        scores = F.linear(x.float(), self.weight.float())
+        xf = upcast(x)
+        scores = F.linear(xf, self.weight.to(xf.dtype))
         if self.score_func == "softmax":
             scores = scores.softmax(-1)
         elif self.score_func == "sigmoid":
@@ -93,17 +95,18 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x, input_ids.reshape(-1))
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        y = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32),
+                        device=x.device)
         if x.is_meta:
             # shapes only (FLOP counting): every token visits k experts
             for slot in range(ids.shape[1]):
-                y = y + self.experts[slot](x, weights[:, slot:slot + 1]).float()
+                y = y + upcast(self.experts[slot](x, weights[:, slot:slot + 1]))
         else:
             counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
             for e, count in enumerate(counts):
                 if count == 0:
                     continue
                 tok, slot = torch.where(ids == e)
-                y.index_add_(0, tok, self.experts[e](x[tok], weights[tok, slot, None]).float())
-        y = y + self.shared_experts(x).float()
+                y.index_add_(0, tok, upcast(self.experts[e](x[tok], weights[tok, slot, None])))
+        y = y + upcast(self.shared_experts(x))
         return y.to(x.dtype).view(shape)

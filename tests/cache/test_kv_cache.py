@@ -13,14 +13,16 @@ from dsv4.cache.spec import build_cache_specs, kv_bytes_per_seq, state_bytes_per
 from dsv4.engine.engine_config import EngineConfig
 
 
-@pytest.mark.parametrize("dtype,index_dtype", [("fp32", "fp32"), ("bf16", "bf16"),
-                                               ("fp8", None), ("fp8", "fp8")])
-def test_storage_matches_the_plan(dtype, index_dtype):
+@pytest.mark.parametrize("dtype,index_dtype,state_dtype", [
+    ("fp32", "fp32", "fp32"), ("bf16", "bf16", "fp32"), ("fp8", None, "fp32"),
+    ("fp8", "fp8", "fp32"), ("fp32", "fp32", "bf16"), ("fp64", "fp64", "fp64")])
+def test_storage_matches_the_plan(dtype, index_dtype, state_dtype):
     cfg = tiny_config()
     ec = EngineConfig(max_model_len=512, block_size=16, max_num_batched_tokens=64,
-                      kv_cache_memory=8 << 20, kv_cache_dtype=dtype, index_cache_dtype=index_dtype)
+                      kv_cache_memory=8 << 20, kv_cache_dtype=dtype, index_cache_dtype=index_dtype,
+                      compressor_state_dtype=state_dtype)
     bm = BlockManager.from_config(cfg, ec)
-    cache = KVCache(cfg, bm, "cpu", torch.float32, dtype, index_dtype)
+    cache = KVCache(cfg, bm, "cpu", torch.float32, dtype, index_dtype, state_dtype)
     kv = sum(t.numel() * t.element_size() for t in [cache.swa, *cache.entries.values()])
     states = sum(t.numel() * t.element_size() for pair in cache.states.values() for t in pair)
     assert kv + states == bm.memory_bytes() == cache.memory_bytes()

@@ -91,6 +91,39 @@ def test_logits_match_full_forward_any_chunking(tiny_checkpoint, record_logits, 
         assert rel_err(got, full) <= 1e-5
 
 
+@pytest.mark.parametrize("seed", (1, 21, 26))
+def test_fp64_logits_match_full_forward_any_batch(tiny_checkpoint, record_logits, seed):
+    """fp32 misses 1e-5 on these checkpoints (batch-shape noise flips an FP8/FP4 rounding); an
+    fp64 model with an fp64 cache meets it for every chunking and batch mix."""
+    torch.manual_seed(seed)
+    path = tiny_checkpoint(tiny_config(index_topk=2), name=f"ck{seed}")
+    prompts = prompts_of([5, 33, 18, 26], seed=seed)
+    for budget, max_seqs in ((1, 8), (13, 2), (256, 8)):
+        record_logits.clear()
+        llm = make_llm(path, dtype=torch.float64, max_num_batched_tokens=budget,
+                       max_num_seqs=max_seqs)
+        assert llm.engine.config.kv_cache_dtype == "fp64"
+        outs = llm.generate(prompt_token_ids=prompts,
+                            sampling_params=SamplingParams(max_tokens=6, **GREEDY))
+        for prompt, out in zip(prompts, outs):
+            seq = torch.tensor([prompt + out.outputs[0].token_ids[:-1]])
+            full = llm.engine.model(seq)[0, len(prompt) - 1:]
+            assert rel_err(torch.stack(record_logits[out.request_id]), full) <= 1e-5
+
+
+def test_bf16_compressor_state_is_stored_and_pooled(tiny_checkpoint, record_logits):
+    llm = make_llm(tiny_checkpoint(tiny_config()), compressor_state_dtype="bf16",
+                   max_num_batched_tokens=8)
+    assert {t.dtype for pair in llm.engine.runner.kv_cache.states.values() for t in pair} == \
+        {torch.bfloat16}
+    prompt = prompts_of([21])[0]
+    out = llm.generate(prompt_token_ids=[prompt],
+                       sampling_params=SamplingParams(max_tokens=9, **GREEDY))[0]
+    seq = torch.tensor([prompt + out.outputs[0].token_ids[:-1]])
+    full = llm.engine.model(seq)[0, len(prompt) - 1:]
+    assert rel_err(torch.stack(record_logits[out.request_id]), full) <= 1e-2  # bf16 windows
+
+
 def test_preemption_keeps_greedy_outputs(tiny_checkpoint):
     path = tiny_checkpoint(tiny_config(index_topk=2))
     prompts = prompts_of([30, 25, 40, 35])
