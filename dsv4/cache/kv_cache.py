@@ -119,6 +119,15 @@ def _slots(table: torch.Tensor, ids: torch.Tensor, per_block: int) -> torch.Tens
     return table[ids // per_block] * per_block + ids % per_block
 
 
+def _compressed_storage(cache: KVCache, tables: Any, key: str, layer: int
+                        ) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(flat entry storage [blocks * per_block, D or bytes], per_block, block table) of one
+    compressed kind ("csa", "csa_index" or "hca") in one layer; csa_index uses csa's blocks."""
+    storage = cache.entries[key][layer]  # [blocks, per_block, D or bytes]
+    flat = storage.view(-1, storage.shape[-1])
+    return flat, storage.shape[1], tables["csa" if key.startswith("csa") else "hca"]
+
+
 class _CompressorStore:
     """One request's compressor (main or indexer) of one layer in the paged cache."""
 
@@ -126,11 +135,9 @@ class _CompressorStore:
         self.view, self.ratio = view, ratio
         kv_state, score_state = view.cache.states[key]
         self.kv, self.score = kv_state[layer, view.slot], score_state[layer, view.slot]
-        self.overlap = ratio == 4
-        storage = view.cache.entries[key][layer]  # [blocks, per_block, D or bytes]
-        self.key, self.per_block = key, storage.shape[1]
-        self.flat = storage.view(-1, storage.shape[-1])
-        self.table = view.tables["csa" if key.startswith("csa") else "hca"]
+        self.overlap, self.key = ratio == 4, key
+        self.flat, self.per_block, self.table = _compressed_storage(view.cache, view.tables, key,
+                                                                    layer)
 
     def pending(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if count == 0:
@@ -257,10 +264,9 @@ class _BatchedCompressorStore:
         self.group, self.ratio, self.overlap = group, ratio, ratio == 4
         kv_state, score_state = group.cache.states[key]
         self.kv, self.score = kv_state[layer], score_state[layer]  # [slots, rows, width]
-        storage = group.cache.entries[key][layer]
-        self.key, self.per_block = key, storage.shape[1]
-        self.flat = storage.view(-1, storage.shape[-1])
-        self.table = group.tables["csa" if key.startswith("csa") else "hca"]
+        self.key = key
+        self.flat, self.per_block, self.table = _compressed_storage(group.cache, group.tables,
+                                                                    key, layer)
         self.counts = [(p + 1) // ratio for p in group.pos_list]  # entries after this token
         self.num_entries = max(self.counts)
 
