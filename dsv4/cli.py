@@ -10,7 +10,12 @@ import argparse
 import sys
 import time
 
-__all__ = ["main"]
+__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "main"]
+
+DTYPE_CHOICES = ("auto", "float32", "float64", "bfloat16")
+DTYPE_HELP = ("compute dtype (auto: float32 on CPU, bfloat16 on GPU, FP8/FP4 weights kept); any "
+              "other value expands every weight to it at load. float64 is the exact mode: "
+              "logits do not depend on chunking or batching, QAT rounding included")
 
 
 def _generate(argv: list[str]) -> int:
@@ -19,6 +24,7 @@ def _generate(argv: list[str]) -> int:
     p.add_argument("--model", help="checkpoint directory or HF repo id in the local HF cache "
                    "(default: the embedded demo model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -36,6 +42,8 @@ def _generate(argv: list[str]) -> int:
     if args.no_thinking and not args.chat:
         p.error("--no-thinking needs --chat")
 
+    import torch
+
     from dsv4.llm import LLM
     from dsv4.sampling_params import SamplingParams
 
@@ -47,8 +55,10 @@ def _generate(argv: list[str]) -> int:
     from dsv4.demo import resolve_model
 
     path, _ = resolve_model(args.model)
-    llm = LLM(path, device=args.device, emulate_quant=not args.no_emulate_quant, progress=True,
-              max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    llm = LLM(path, device=args.device, dtype=dtype, emulate_quant=not args.no_emulate_quant,
+              progress=True, max_model_len=args.max_model_len,
+              kv_cache_memory=args.kv_cache_memory)
     start = time.perf_counter()
     try:
         if args.chat:

@@ -26,6 +26,27 @@ def test_generate_plain_and_chat(checkpoint, capsys):
     assert capsys.readouterr().out.startswith("'Hello' -> ")
 
 
+def test_generate_dtype_flag_reaches_the_model(checkpoint, capsys, monkeypatch):
+    import torch
+
+    from dsv4 import llm as llm_mod
+
+    seen = []
+    real = llm_mod.LLM.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(self.engine.model.compute_dtype)
+
+    monkeypatch.setattr(llm_mod.LLM, "__init__", spy)
+    base = ["generate", "--model", str(checkpoint), "--device", "cpu", "--max-tokens", "2",
+            "--max-model-len", "128", "Hello"]
+    assert main([*base, "--dtype", "float64"]) == 0
+    assert main(base) == 0
+    assert seen == [torch.float64, torch.float32]
+    assert capsys.readouterr().out.startswith("'Hello' -> ")
+
+
 def test_generate_rejects_bad_flags(checkpoint, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--no-thinking", "Hello"])

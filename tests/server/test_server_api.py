@@ -204,7 +204,7 @@ def test_serve_command_prints_url_and_exits_cleanly_on_sigint(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(path), "--port", "0", "--device", "cpu",
          "--max-model-len", "1024", "--kv-cache-memory", "64MiB", "--served-model-name", "m",
-         "--log-level", "warning"],
+         "--log-level", "warning", "--dtype", "float64"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -232,4 +232,5 @@ def test_launch_helpers(tmp_path):
         launch.resolve_model("not a model")
     start = time.monotonic()
     assert launch.build_parser().parse_args([]).port == 8000
+    assert launch.build_parser().parse_args([]).dtype == "auto"
     assert time.monotonic() - start < 1
