@@ -32,9 +32,12 @@ __all__ = ["KVCache", "RequestView"]
 _STATE_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
-def _widened(state: torch.Tensor) -> torch.Tensor:
-    """A copy of compressor state for pooling: bf16 state is pooled in fp32, wider dtypes as is."""
-    return state.float() if state.dtype == torch.bfloat16 else state.clone()
+def _widened(state: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """Compressor state for pooling: bf16 state is pooled in fp32, wider dtypes as stored (a copy
+    unless `copy` is False, for a tensor that is one already)."""
+    if state.dtype == torch.bfloat16:
+        return state.float()
+    return state.clone() if copy else state
 
 
 class KVCache:
@@ -283,7 +286,8 @@ class _BatchedCompressorStore:
     def completed_windows(self, done: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[R_done, slots, D] kv and scores of the windows completed by this token."""
         slots, m = self.group.slots[done], self.ratio
-        kv, score = _widened(self.kv[slots]), _widened(self.score[slots])  # [R_done, rows, width]
+        # [R_done, rows, width]; indexing copies already
+        kv, score = _widened(self.kv[slots], False), _widened(self.score[slots], False)
         if not self.overlap:
             return kv, score
         first = (self.group.positions[done] + 1 == m).view(-1, 1, 1)  # no previous window

@@ -212,9 +212,9 @@ class LLMEngine:
 
 def make_engine_config(model: DeepseekV4ForCausalLM, **engine_args: Any) -> EngineConfig:
     """EngineConfig with device-aware defaults: the cache stores the compute dtype (fp32 on
-    CPU, bf16 on GPU, fp64 and fp64 window state for an fp64 model) unless kv_cache_dtype says otherwise ("fp8": 584-byte entries with FP4
-    indexer keys), max_model_len is the model's context (capped at 1M), the budget a share of
-    free memory."""
+    CPU, bf16 on GPU, fp64 with fp64 window state for an fp64 model) unless kv_cache_dtype says
+    otherwise ("fp8": 584-byte entries with FP4 indexer keys), max_model_len is the model's
+    context (capped at 1M), the budget a share of free memory."""
     device = model.embed.weight.device
     args = dict(engine_args)
     unknown = set(args) - {f.name for f in dataclasses.fields(EngineConfig)}

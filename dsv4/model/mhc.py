@@ -3,8 +3,8 @@
 The residual is `hc_mult` streams [..., n, d]. Before a sublayer the streams collapse with `pre`
 weights; after it the output is spread with `post` weights and the streams mix through a
 Sinkhorn-normalised matrix P (destination k sums P[j, k] over sources j; P is not symmetric).
-All mixing weights are computed in fp32; parameters live in the owning block, named as in the
-checkpoint (`hc_attn_fn`, `hc_attn_base`, `hc_attn_scale`, ...).
+All mixing weights are computed in at least fp32; parameters live in the owning block, named as
+in the checkpoint (`hc_attn_fn`, `hc_attn_base`, `hc_attn_scale`, ...).
 """
 
 from __future__ import annotations

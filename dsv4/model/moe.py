@@ -2,9 +2,9 @@
 
 Learned layers pick top-k of `score + bias` (the bias steers selection only); hash layers take the
 experts from `tid2eid[token_id]`. Weights are the selected scores normalised to sum 1, times
-`routed_scaling_factor`. Experts are clamped SwiGLU FFNs computed in fp32, the routing weight
-applied before w2 as in the reference. Routed experts stay FP4 (or FP8) and are dequantized only
-when a token visits them.
+`routed_scaling_factor`. Experts are clamped SwiGLU FFNs computed in at least fp32, the routing
+weight applied before w2 as in the reference. Routed experts stay FP4 (or FP8) and are
+dequantized only when a token visits them.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, dim], input_ids [N] -> (weights [N, k] fp32, expert ids [N, k])."""
+        """x [N, dim], input_ids [N] -> (weights [N, k] in at least fp32, expert ids [N, k])."""
         xf = upcast(x)
         scores = F.linear(xf, self.weight.to(xf.dtype))
         if self.score_func == "softmax":
