@@ -2,6 +2,7 @@
 
 Tiny config with the real 129,280-token vocabulary: 6 layers (2 swa, 2 csa, 2 hca), hidden 256,
 8 heads x 64, 8 experts top-2; fp32 on CPU (bf16 on CUDA). Prints ratios dsv4 / transformers.
+The context rows step one engine per context in turn, so machine noise hits them alike.
 
     python benchmarks/engine_vs_transformers.py [--parts decode,batch,prefill,context]
         [--device cpu|cuda] [--threads N] [--contexts 1024,8192,32768,131072] [--hf-max-context 8192]
@@ -19,6 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dsv4.config import ModelConfig
+from dsv4.engine.llm_engine import LLMEngine, make_engine_config
 from dsv4.llm import LLM
 from dsv4.model import write_checkpoint
 from dsv4.sampling_params import SamplingParams
@@ -142,6 +144,31 @@ class Bench:
             eng.abort_request(f"ctx{ctx}")
         return 1 / statistics.median(times[warm:])
 
+    def context_decode_ms(self, contexts: list[int], n: int = 24, warm: int = 3
+                          ) -> dict[int, float]:
+        """dsv4 decode ms/token after each prompt length, measured round-robin so that a busy
+        spell on this shared machine hits every context alike: one engine per context on the
+        one loaded model, each prefilled, then one decode step of each in turn (`warm` rounds
+        untimed); the median step per context."""
+        model = self.llm.engine.model
+        engines = {}
+        for ctx in contexts:
+            eng = LLMEngine(model, make_engine_config(
+                model, max_model_len=ctx + warm + n + 8, kv_cache_memory=256 << 20,
+                max_num_batched_tokens=4096, max_num_seqs=1))
+            eng.add_request(f"ctx{ctx}", prompts([ctx], seed=ctx)[0], SamplingParams(
+                temperature=0, max_tokens=warm + n + 2, ignore_eos=True))
+            while not any(o.new_token_ids for o in eng.step()):
+                pass  # prefill (chunked) until the first token
+            engines[ctx] = eng
+        times: dict[int, list[float]] = {ctx: [] for ctx in contexts}
+        for _ in range(warm + n):
+            for ctx, eng in engines.items():
+                t0 = now(self.device)
+                eng.step()
+                times[ctx].append(now(self.device) - t0)
+        return {ctx: 1000 * statistics.median(t[warm:]) for ctx, t in times.items()}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -209,11 +236,12 @@ def main() -> None:
                   f"{n_hf / t_theirs:.0f} tok/s at {n_hf} tokens -> "
                   f"{(n / t_ours) / (n_hf / t_theirs):.1f}x")
         if "context" in parts:
-            base = None
-            for ctx in [int(c) for c in args.contexts.split(",")]:
-                ms = 1000 / b.decode_rate(ctx, 16, hf=False)
-                base = base or ms
-                line = f"decode @{ctx}: dsv4 {ms:.1f} ms/token ({ms / base:.2f}x of first)"
+            contexts = [int(c) for c in args.contexts.split(",")]
+            ours = b.context_decode_ms(contexts)
+            for ctx in contexts:
+                ms = ours[ctx]
+                line = (f"decode @{ctx}: dsv4 {ms:.1f} ms/token "
+                        f"({ms / ours[contexts[0]]:.2f}x of first)")
                 if ctx <= args.hf_max_context:
                     hf_ms = 1000 / b.decode_rate(ctx, 8, hf=True)
                     line += f", transformers {hf_ms:.1f} ms/token -> {hf_ms / ms:.1f}x"
