@@ -5,7 +5,8 @@ tokens [prefix, read) is already known, so decoding [prefix, end) and dropping t
 gives the new text, and the work per token stays constant. It holds back (a) an unfinished UTF-8
 sequence (a trailing U+FFFD) and (b) a tail that could still grow into a stop string, so a
 streamed delta never has to be taken back. When a stop string appears the text is cut before it
-(or after it with include_stop_str_in_output) and `stopped` names it.
+(or after it with include_stop_str_in_output) and `stopped` names it. Stop strings are looked
+for only once the output is longer than min_tokens, and only where they end in new text.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ class IncrementalDetokenizer:
             self._prefix, self._read = self._read, len(self.token_ids)
         full = self.decoded
         cut = len(full)
-        for stop in self.params.stop:
-            at = full.find(stop, max(0, len(self.text) - len(stop)))
+        # stop strings count from the token after min_tokens on, in text not yet emitted
+        stops = self.params.stop if len(self.token_ids) > self.params.min_tokens else ()
+        for stop in stops:
+            at = full.find(stop, max(0, len(self.text) - len(stop) + 1))
             if at != -1:
                 end = at + len(stop) if self.params.include_stop_str_in_output else at
                 if end <= cut:

@@ -43,18 +43,21 @@ class SamplingParams:
     # tokens seen in prompt or output (1 = off)
     seed: int | None = None  # per-request seed: same tokens whatever the batch holds
     max_tokens: int | None = 16  # output tokens at most; None: up to max_model_len
+    min_tokens: int = 0  # EOS / stop_token_ids are masked and stop strings ignored before this
     stop: str | list[str] | None = None  # stop strings (matched by the detokenizer)
     stop_token_ids: list[int] | None = None  # extra token ids that end the request
     ignore_eos: bool = False  # keep going past the EOS token
     logprobs: int | None = None  # top-N logprobs per output token (0: only the sampled one)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop) if self.stop is not None else []
         self.stop_token_ids = list(self.stop_token_ids) if self.stop_token_ids else []
+        self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
         self._verify()
 
     def _verify(self) -> None:
@@ -80,6 +83,16 @@ class SamplingParams:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an integer >= 1 or None, got "
                              f"{self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
+                             f"({self.max_tokens})")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not _is_int(token_id) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {token_id!r}")
+            if not _is_number(bias):
+                raise ValueError(f"logit_bias[{token_id}] must be a finite number, got {bias!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
         assert isinstance(self.stop, list)
@@ -107,8 +120,9 @@ def validate_prompt(
     vocab_size: int,
 ) -> None:
     """Raise ValueError (naming the problem) when the prompt cannot be served as asked: empty,
-    token ids outside [0, vocab_size), no room for one output token within max_model_len, or
-    prompt + max_tokens beyond max_model_len."""
+    token ids outside [0, vocab_size), no room for one output token within max_model_len,
+    prompt + max_tokens beyond max_model_len, stop_token_ids or logit_bias ids outside the
+    vocabulary, more logprobs than the vocabulary has."""
     num_prompt = len(prompt_token_ids)
     max_model_len = engine_config.max_model_len
     if num_prompt == 0:
@@ -127,6 +141,10 @@ def validate_prompt(
     for token_id in sampling_params.stop_token_ids or ():
         if token_id >= vocab_size:
             raise ValueError(f"stop_token_ids: {token_id} is outside the vocabulary "
+                             f"[0, {vocab_size})")
+    for token_id in sampling_params.logit_bias or ():
+        if token_id >= vocab_size:
+            raise ValueError(f"logit_bias: token id {token_id} is outside the vocabulary "
                              f"[0, {vocab_size})")
     if sampling_params.logprobs is not None and sampling_params.logprobs > vocab_size:
         raise ValueError(f"logprobs {sampling_params.logprobs} exceeds the vocabulary size "

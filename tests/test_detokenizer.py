@@ -32,6 +32,14 @@ def test_deltas_concatenate_to_full_decode(tok, seed):
     assert out == TEXT == tok.decode(ids)
 
 
+def test_stop_strings_wait_for_min_tokens(tok):
+    ids = tok.encode("one STOP two STOP three")
+    first_stop = next(i for i in range(1, len(ids) + 1) if "STOP" in tok.decode(ids[:i]))
+    det = IncrementalDetokenizer(tok, SamplingParams(stop=["STOP"], min_tokens=first_stop))
+    out = "".join(det.add([t]) for t in ids)
+    assert det.stopped == "STOP" and out == "one STOP two "
+
+
 def test_stop_string_cut_and_held_back(tok):
     ids = tok.encode("alpha beta STOP gamma")
     det = IncrementalDetokenizer(tok, SamplingParams(stop=["STOP"]))

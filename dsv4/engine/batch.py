@@ -54,6 +54,8 @@ class ScheduledBatch:
     # per request: prompt ids (repetition penalty) and output ids so far (all penalties)
     prompt_token_ids: list[list[int]] = field(default_factory=list)
     output_token_ids: list[list[int]] = field(default_factory=list)
+    # per request: its EOS id (masked with stop_token_ids while it is short of min_tokens)
+    eos_token_ids: list[int | None] = field(default_factory=list)
 
     # ---- derived views ---------------------------------------------------------------------
     @property
@@ -94,4 +96,4 @@ class ScheduledBatch:
     def for_followers(self) -> ScheduledBatch:
         """A copy without the sampling fields, to broadcast to ranks that do not sample."""
         return dataclasses.replace(self, sampling_params=[], num_output_tokens=[],
-                                   prompt_token_ids=[], output_token_ids=[])
+                                   prompt_token_ids=[], output_token_ids=[], eos_token_ids=[])

@@ -100,12 +100,15 @@ class Request:
 
     def check_stop(self, max_model_len: int) -> RequestStatus | None:
         """The finished status implied by the last output token, or None to keep going.
-        EOS (unless ignore_eos) and stop_token_ids give FINISHED_STOPPED; then max_tokens or
-        max_model_len give FINISHED_LENGTH."""
+        EOS (unless ignore_eos) and stop_token_ids give FINISHED_STOPPED, from min_tokens on;
+        max_tokens or max_model_len give FINISHED_LENGTH."""
         if not self.output_token_ids:
             return None
         params = self.sampling_params
         last = self.output_token_ids[-1]
+        if self.num_output_tokens < params.min_tokens:
+            # the sampler masks EOS and stop ids until then; forced tokens do not stop either
+            return RequestStatus.FINISHED_LENGTH if self.num_tokens >= max_model_len else None
         if not params.ignore_eos and last == self.eos_token_id:
             return RequestStatus.FINISHED_STOPPED
         if params.stop_token_ids and last in params.stop_token_ids:

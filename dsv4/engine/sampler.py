@@ -1,6 +1,7 @@
 """Sampler: next-token choice from logits, per request, on any torch device.
 
-Order (vLLM v1): logprobs from the raw logits -> penalties (repetition, presence, frequency) ->
+Order (vLLM v1): logprobs from the raw logits -> logit_bias and min_tokens (EOS and stop ids
+masked while a row is short of min_tokens) -> penalties (repetition, presence, frequency) ->
 greedy rows take the argmax -> other rows: temperature, min-p, top-k, top-p, then Gumbel-max
 sampling (argmax of probs / Exp(1) noise). A seeded row draws its noise from a generator keyed on
 (seed, output index), so it samples the same tokens alone, in any batch, or after preemption;
@@ -50,6 +51,9 @@ class SamplingMetadata:
     output_token_ids: list[Sequence[int]] | None  # per row, tokens generated so far
     prompt_token_ids: list[Sequence[int]] | None  # per row
     max_num_logprobs: int | None  # top-N to return; None: no logprobs
+    # (row, token id) index tensors and values to add (logit_bias) / mask (min_tokens); None: none
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -60,9 +64,12 @@ class SamplingMetadata:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         output_index: Sequence[int] | None = None,
         vocab_size: int | None = None,
+        eos_token_ids: Sequence[int | None] | None = None,
     ) -> SamplingMetadata:
         """Rows follow ``params``. ``output_token_ids`` / ``prompt_token_ids`` are needed only
-        for penalties; ``output_index`` defaults to ``len(output_token_ids[i])`` (else 0)."""
+        for penalties; ``output_index`` defaults to ``len(output_token_ids[i])`` (else 0);
+        ``eos_token_ids`` (per row) are masked with the stop ids while a row is short of
+        min_tokens."""
         n = len(params)
         greedy = [p.is_greedy for p in params]
 
@@ -83,6 +90,11 @@ class SamplingMetadata:
                                                         for p in params):
             raise ValueError("repetition_penalty needs prompt_token_ids")
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+        eos = eos_token_ids or [None] * n
+        masked = [(i, t) for i, p in enumerate(params) if output_index[i] < p.min_tokens
+                  for t in [*p.stop_token_ids,
+                            *([] if p.ignore_eos or eos[i] is None else [eos[i]])]]
         temperature = [1.0 if p.is_greedy else p.temperature for p in params]
         return cls(
             temperature=tensor(temperature, torch.float32),
@@ -103,6 +115,11 @@ class SamplingMetadata:
             output_token_ids=list(output_token_ids) if use_pen and output_token_ids else None,
             prompt_token_ids=list(prompt_token_ids) if use_pen and prompt_token_ids else None,
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
+            bias=(tensor([r for r, _, _ in bias], torch.int64),
+                  tensor([t for _, t, _ in bias], torch.int64),
+                  tensor([b for _, _, b in bias], torch.float32)) if bias else None,
+            min_tokens_mask=(tensor([r for r, _ in masked], torch.int64),
+                             tensor([t for _, t in masked], torch.int64)) if masked else None,
         )
 
     @classmethod
@@ -116,6 +133,7 @@ class SamplingMetadata:
             prompt_token_ids=[batch.prompt_token_ids[i] for i in rows],
             output_index=[batch.num_output_tokens[i] for i in rows],
             vocab_size=vocab_size,
+            eos_token_ids=[batch.eos_token_ids[i] for i in rows] if batch.eos_token_ids else None,
         )
 
 
@@ -145,6 +163,8 @@ class Sampler:
         logits = logits.float()  # [num_reqs, vocab_size]
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if metadata.max_num_logprobs is not None else None)
+        if metadata.bias is not None or metadata.min_tokens_mask is not None:
+            logits = self.apply_bias_and_min_tokens(logits, metadata)
         if metadata.presence_penalty is not None:
             logits = self.apply_penalties(logits, metadata)
         greedy_ids = logits.argmax(dim=-1)
@@ -159,6 +179,17 @@ class Sampler:
         return SamplerOutput(sampled, out_logprobs)
 
     # ---- pieces (public for tests and for the spec-decode verifier) ------------------------
+    @staticmethod
+    def apply_bias_and_min_tokens(logits: torch.Tensor, metadata: SamplingMetadata
+                                  ) -> torch.Tensor:
+        logits = logits.clone()
+        if metadata.bias is not None:
+            rows, ids, values = metadata.bias
+            logits.index_put_((rows, ids), values, accumulate=True)
+        if metadata.min_tokens_mask is not None:
+            logits[metadata.min_tokens_mask] = float("-inf")
+        return logits
+
     @staticmethod
     def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         num_reqs, vocab = logits.shape

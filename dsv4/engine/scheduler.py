@@ -164,6 +164,7 @@ class Scheduler:
             batch.num_output_tokens.append(req.num_output_tokens)
             batch.prompt_token_ids.append(req.prompt_token_ids)
             batch.output_token_ids.append(req.output_token_ids)
+            batch.eos_token_ids.append(req.eos_token_id)
         return batch
 
     def update_from_output(

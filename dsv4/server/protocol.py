@@ -90,11 +90,12 @@ class _SamplingFields(_Strict):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     max_tokens: int | None = None
+    min_tokens: int = 0
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None  # rejected unless empty
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     # accepted, no effect
     user: str | None = None
     user_id: str | None = None
@@ -160,8 +161,13 @@ class DetokenizeRequest(_Strict):
 
 def reject_unsupported(req: BaseModel) -> None:
     """400 for fields dsv4 cannot honour (set to anything but their neutral value)."""
-    if getattr(req, "logit_bias", None):
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    for key, bias in (getattr(req, "logit_bias", None) or {}).items():
+        if not key.isdigit():
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}",
+                           param="logit_bias")
+        if not -100 <= bias <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {bias!r} for "
+                           f"token {key}", param="logit_bias")
     if isinstance(req, ChatCompletionRequest):
         for name in ("functions", "function_call"):
             if getattr(req, name) is not None:

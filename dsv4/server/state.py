@@ -30,7 +30,7 @@ T = TypeVar("T")
 SSE_DONE = "data: [DONE]\n\n"
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "seed", "max_tokens", "logprobs",
-                    "stop", "stop_token_ids")
+                    "stop", "stop_token_ids", "min_tokens", "logit_bias")
 
 
 class ClientGone(Exception):
@@ -85,6 +85,9 @@ class ServerState:
                            f"({num_prompt_tokens} in the {prompt_field}, {max_tokens} in the "
                            "completion). Please reduce the length of the messages or "
                            "completion.", param="max_tokens", code="context_length_exceeded")
+        bias = {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
+        if bias:
+            self.check_token_ids(list(bias), "logit_bias")
         try:
             return SamplingParams(
                 n=req.n,
@@ -98,6 +101,8 @@ class ServerState:
                 else req.repetition_penalty,
                 seed=req.seed, max_tokens=max_tokens, stop=req.stop,
                 stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                min_tokens=req.min_tokens,
+                logit_bias=bias,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 skip_special_tokens=skip_special_tokens,
             )

@@ -124,6 +124,22 @@ def test_bf16_compressor_state_is_stored_and_pooled(tiny_checkpoint, record_logi
     assert rel_err(torch.stack(record_logits[out.request_id]), full) <= 1e-2  # bf16 windows
 
 
+def test_min_tokens_and_logit_bias(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint(tiny_config()))
+    prompt = prompts_of([9])[0]
+
+    def run(**kw) -> list[int]:
+        params = SamplingParams(**{"max_tokens": 6, **GREEDY, **kw})
+        return llm.generate(prompt_token_ids=[prompt], sampling_params=params)[0] \
+            .outputs[0].token_ids
+
+    first = run()[0]
+    assert run(stop_token_ids=[first]) == [first]  # the greedy first token ends it at once
+    held = run(stop_token_ids=[first], min_tokens=4)  # ... unless min_tokens holds it off
+    assert len(held) >= 4 and first not in held[:4]
+    assert run(logit_bias={17: 100.0}, max_tokens=5) == [17] * 5
+
+
 def test_preemption_keeps_greedy_outputs(tiny_checkpoint):
     path = tiny_checkpoint(tiny_config(index_topk=2))
     prompts = prompts_of([30, 25, 40, 35])

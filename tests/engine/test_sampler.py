@@ -191,3 +191,26 @@ def test_sampler_on_cuda():
     cpu = Sampler.apply_top_k_top_p_min_p(logits, SamplingMetadata.build(params, "cpu",
                                                                          vocab_size=V))
     assert torch.equal(torch.isfinite(masked).cpu(), torch.isfinite(cpu))
+
+
+def test_logit_bias_and_min_tokens():
+    logits = torch.zeros(3, V)
+    logits[:, 5] = 1.0  # token 5 wins unbiased
+    params = [SamplingParams(temperature=0.0, logit_bias={7: 2.0, 5: -0.5}, logprobs=0),
+              SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[5]),
+              SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[5])]
+    m = meta(params, output_index=[0, 1, 2], eos_token_ids=[None, 9, 9])
+    out = sampler(logits, m)
+    # row 0 biased to 7; row 1 (1 output so far, below min_tokens) cannot take 5; row 2 can
+    assert out.sampled_token_ids[0] == 7 and out.sampled_token_ids[2] == 5
+    assert out.sampled_token_ids[1] not in (5, 9)
+    masked = sampler.apply_bias_and_min_tokens(logits, m)
+    assert masked[1, 5] == masked[1, 9] == float("-inf") and torch.isfinite(masked[2]).all()
+    assert masked[0, 7] == 2.0 and masked[0, 5] == 0.5
+    # logprobs stay those of the raw logits (vLLM's default)
+    assert math.isclose(out.logprobs.logprobs[0, 0].item(),
+                        torch.log_softmax(logits[0], -1)[7].item(), rel_tol=1e-6)
+    # ignore_eos: EOS is an ordinary token, only the stop ids are masked
+    m2 = meta([SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True)],
+              output_index=[0], eos_token_ids=[5])
+    assert sampler(logits[:1], m2).sampled_token_ids[0] == 5

@@ -26,7 +26,9 @@ def test_defaults_and_normalisation():
     ("top_k", -2), ("top_k", 2.5), ("min_p", -0.1), ("min_p", 1.1), ("n", 0), ("n", True),
     ("max_tokens", 0), ("max_tokens", 1.5), ("presence_penalty", 2.5),
     ("frequency_penalty", -3.0), ("repetition_penalty", 0.0), ("seed", "7"), ("logprobs", -1),
-    ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]),
+    ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("min_tokens", -1),
+    ("min_tokens", 1.5), ("min_tokens", 17), ("logit_bias", {-1: 1.0}), ("logit_bias", {"5": 1.0}),
+    ("logit_bias", {5: float("inf")}),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -52,6 +54,8 @@ def test_validate_prompt():
         validate_prompt([1], SamplingParams(stop_token_ids=[10]), ec, vocab_size=10)
     with pytest.raises(ValueError, match="logprobs"):
         validate_prompt([1], SamplingParams(logprobs=11), ec, vocab_size=10)
+    with pytest.raises(ValueError, match="logit_bias"):
+        validate_prompt([1], SamplingParams(logit_bias={10: 1.0}), ec, vocab_size=10)
 
 
 @pytest.mark.parametrize("field, value", [

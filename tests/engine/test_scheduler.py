@@ -247,6 +247,10 @@ class ScriptedRunner:
     (dict(max_tokens=10, stop_token_ids=[42]), [5, 42, 6], [5, 42], "stop", 42),
     (dict(max_tokens=3), [5, 6, 7, 8], [5, 6, 7], "length", None),
     (dict(max_tokens=None), [5] * 20, [5] * 6, "length", None),  # max_model_len = 16
+    # before min_tokens neither EOS nor a stop id ends the request (forced tokens included)
+    (dict(max_tokens=10, min_tokens=3, stop_token_ids=[42]), [EOS, 42, 5, 42, 6],
+     [EOS, 42, 5, 42], "stop", 42),
+    (dict(max_tokens=None, min_tokens=9), [EOS] * 20, [EOS] * 6, "length", None),
 ])
 def test_stop_conditions(params, script, expected, reason, stop_reason):
     sched = make_scheduler(max_model_len=16)

@@ -78,6 +78,17 @@ def test_completions(srv, client):
     assert chunks[-1].usage.completion_tokens == 4
 
 
+def test_logit_bias_and_min_tokens(srv, client):
+    token = srv.tokenizer.encode(" the")[0]
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0,
+                                  logit_bias={str(token): 100})
+    assert r.choices[0].text == " the" * 3
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0,
+                                  logit_bias={str(token): 100},
+                                  extra_body={"min_tokens": 2, "stop_token_ids": [token]})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "stop"
+
+
 def test_tokenize_detokenize(srv):
     with srv.http() as http:
         r = http.post("/tokenize", json={"model": MODEL, "messages": [
@@ -101,7 +112,10 @@ def _error(call):
     (dict(top_p=0), "top_p"),
     (dict(n=0), "n"),
     (dict(max_tokens=100_000), "max_tokens"),
-    (dict(logit_bias={"5": 1.0}), "logit_bias"),
+    (dict(logit_bias={"five": 1.0}), "logit_bias"),
+    (dict(logit_bias={"5": 101}), "logit_bias"),
+    (dict(logit_bias={"999999999": 1.0}), "logit_bias"),
+    (dict(max_tokens=4, extra_body={"min_tokens": 5}), "min_tokens"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
      "response_format"),
     (dict(tool_choice="required"), "tool_choice"),
