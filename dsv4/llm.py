@@ -28,6 +28,8 @@ from dsv4.tokenizer import Tokenizer
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput"]
 
+Prompt = str | dict[str, Any]  # text, {"prompt": text} or {"prompt_token_ids": [...]} (vLLM)
+
 
 @dataclass
 class CompletionOutput:
@@ -67,17 +69,22 @@ class LLM:
         self.engine.eos_token_id = self.tokenizer.eos_token_id
         self._ids = itertools.count()
 
-    def generate(self, prompts: str | list[str] | None = None,
+    def generate(self, prompts: Prompt | list[Prompt] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[list[int]] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); results in input order."""
+        """Generate for every prompt, results in input order. A prompt is text, or as in vLLM
+        a dict with "prompt" (text) or "prompt_token_ids"; `prompt_token_ids=` takes id lists."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts or prompt_token_ids")
         texts: list[str | None]
         if prompts is not None:
-            texts = [prompts] if isinstance(prompts, str) else list(prompts)
-            id_lists = [self.tokenizer.encode(t) for t in texts]
+            items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+            texts, id_lists = [], []
+            for i, item in enumerate(items):
+                text, ids = self._prompt(i, item)
+                texts.append(text)
+                id_lists.append(ids)
         else:
             id_lists = [list(ids) for ids in prompt_token_ids]
             texts = [None] * len(id_lists)
@@ -127,6 +134,20 @@ class LLM:
                         bar.update(1)
         bar.close()
         return list(results.values())
+
+    def _prompt(self, i: int, item: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(item, str):
+            return item, self.tokenizer.encode(item)
+        if isinstance(item, dict):
+            unknown = set(item) - {"prompt", "prompt_token_ids"}
+            if unknown:
+                raise ValueError(f"prompts[{i}]: unsupported key(s) {sorted(unknown)}")
+            if isinstance(item.get("prompt_token_ids"), (list, tuple)):
+                return item.get("prompt"), list(item["prompt_token_ids"])
+            if isinstance(item.get("prompt"), str):
+                return item["prompt"], self.tokenizer.encode(item["prompt"])
+        raise ValueError(f"prompts[{i}] must be text, {{'prompt': text}} or "
+                         f"{{'prompt_token_ids': [...]}}, got {type(item).__name__}")
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, *,

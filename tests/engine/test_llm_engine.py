@@ -140,6 +140,22 @@ def test_min_tokens_and_logit_bias(tiny_checkpoint):
     assert run(logit_bias={17: 100.0}, max_tokens=5) == [17] * 5
 
 
+def test_generate_accepts_vllm_prompt_dicts(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint(tiny_config()))
+    ids = prompts_of([7, 12])
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    want = [o.outputs[0].token_ids
+            for o in llm.generate(prompt_token_ids=ids, sampling_params=params)]
+    got = llm.generate([{"prompt_token_ids": i} for i in ids], params)
+    assert [o.outputs[0].token_ids for o in got] == want and got[1].prompt_token_ids == ids[1]
+    assert llm.generate({"prompt_token_ids": ids[0]}, params)[0].outputs[0].token_ids == want[0]
+    with pytest.raises(ValueError, match=r"prompts\[1\]: unsupported key"):
+        llm.generate([{"prompt_token_ids": ids[0]}, {"multi_modal_data": {}}], params)
+    with pytest.raises(ValueError, match=r"prompts\[0\] must be text"):
+        llm.generate([[1, 2, 3]], params)
+    assert llm.engine.block_manager.all_free()
+
+
 def test_preemption_keeps_greedy_outputs(tiny_checkpoint):
     path = tiny_checkpoint(tiny_config(index_topk=2))
     prompts = prompts_of([30, 25, 40, 35])
@@ -301,6 +317,9 @@ def test_chat_renders_the_official_prompt(tiny_checkpoint):
                                         encode_messages(conv[1:], "chat")]
     plain = llm.generate(outs[0].prompt, params)[0]
     assert outs[0].outputs[0].token_ids == plain.outputs[0].token_ids
+    as_dict = llm.generate({"prompt": outs[0].prompt}, params)[0]  # vLLM's TextPrompt
+    assert as_dict.prompt == outs[0].prompt and as_dict.outputs[0].token_ids == \
+        plain.outputs[0].token_ids
     assert len(outs[1].outputs[0].token_ids) == 3
     # no thinking field: thinking is on, as DeepSeek's API
     assert llm.chat(conv, params)[0].prompt == encode_messages(conv, "thinking")
