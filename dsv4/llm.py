@@ -52,6 +52,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    # with SamplingParams(prompt_logprobs=N): None for the first prompt token, then each
+    # token's logprob given the ones before it, with the top-N
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class LLM:
@@ -113,6 +116,8 @@ class LLM:
                 if out.request_id not in open_count:
                     continue
                 comp = results[out.request_id].outputs[out.index]
+                if out.prompt_logprobs is not None:
+                    results[out.request_id].prompt_logprobs = out.prompt_logprobs
                 if comp.finish_reason is not None:
                     continue  # already ended by a stop string
                 comp.token_ids.extend(out.new_token_ids)

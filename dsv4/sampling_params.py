@@ -48,6 +48,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # extra token ids that end the request
     ignore_eos: bool = False  # keep going past the EOS token
     logprobs: int | None = None  # top-N logprobs per output token (0: only the sampled one)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
@@ -93,8 +94,10 @@ class SamplingParams:
                 raise ValueError(f"logit_bias keys must be token ids >= 0, got {token_id!r}")
             if not _is_number(bias):
                 raise ValueError(f"logit_bias[{token_id}] must be a finite number, got {bias!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be an integer >= 0 or None, got {value!r}")
         assert isinstance(self.stop, list)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
@@ -146,6 +149,7 @@ def validate_prompt(
         if token_id >= vocab_size:
             raise ValueError(f"logit_bias: token id {token_id} is outside the vocabulary "
                              f"[0, {vocab_size})")
-    if sampling_params.logprobs is not None and sampling_params.logprobs > vocab_size:
-        raise ValueError(f"logprobs {sampling_params.logprobs} exceeds the vocabulary size "
-                         f"{vocab_size}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(sampling_params, name)
+        if value is not None and value > vocab_size:
+            raise ValueError(f"{name} {value} exceeds the vocabulary size {vocab_size}")

@@ -59,6 +59,8 @@ class EngineOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when asked
+    # with the first token, when asked: None for the first prompt token, then one per token
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 def default_kv_cache_memory(device: torch.device, fraction: float = 0.2) -> int:
@@ -97,6 +99,8 @@ class LLMEngine:
         self._children: dict[str, tuple[str, int]] = {}  # child request id -> (id, index)
         self._parents: dict[str, list[str]] = {}
         self._child_params: dict[str, SamplingParams] = {}
+        # prompt logprobs being collected, until they go out with the first token
+        self._prompt_lps: dict[str, list[TokenLogprobs]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device | None = None,
@@ -134,6 +138,8 @@ class LLMEngine:
                                                eos_token_id=self.eos_token_id))
             self._children[child] = (request_id, i)
             self._child_params[child] = child_params
+            if params.prompt_logprobs is not None:
+                self._prompt_lps[child] = []
             children.append(child)
         self._parents[request_id] = children
 
@@ -161,15 +167,31 @@ class LLMEngine:
         if batch.is_empty:
             return []
         try:
-            sampled, out = self.runner.execute(batch)
+            sampled, out, prompt_lps = self.runner.execute(batch)
         except Exception as exc:
             # fail this step's requests only; everything else keeps going next step
             parents = sorted({self._children[r][0] for r in batch.req_ids if r in self._children})
             for parent in parents:
                 self.abort_request(parent)
             raise StepError(parents, exc) from exc
+        for child, (start, t) in prompt_lps.items():
+            self._collect_prompt_logprobs(child, start, t)
         step_outputs = self.scheduler.update_from_output(batch, sampled)
         return self._convert(step_outputs, batch.req_ids, out, batch.sample_indices)
+
+    def _collect_prompt_logprobs(self, child: str, start: int, t: Any) -> None:
+        """Keep the prompt logprobs of positions start.. not collected before (a request that
+        was preempted recomputes its prompt; its first pass already counted, and once the
+        first token went out there is nothing left to collect)."""
+        have = self._prompt_lps.get(child)
+        if have is None:
+            return
+        n = self._child_params[child].prompt_logprobs or 0
+        ids, lps, ranks = t.token_ids.tolist(), t.logprobs.tolist(), t.sampled_token_ranks.tolist()
+        for m in range(len(ids)):
+            if start + m == len(have):
+                have.append(TokenLogprobs(ids[m][0], lps[m][0], ranks[m],
+                                          list(zip(ids[m][1:n + 1], lps[m][1:n + 1]))))
 
     def _convert(self, step_outputs: list, req_ids: list[str] | None, out: SamplerOutput | None,
                  sample_rows: list[int] | None = None) -> list[EngineOutput]:
@@ -185,8 +207,11 @@ class LLMEngine:
             k = row_of.get(so.request_id)
             if out is not None and out.logprobs is not None and k is not None and so.new_token_ids:
                 lps = self._logprobs(so.request_id, out, k)
+            prompt_lps = None
+            if so.new_token_ids and so.request_id in self._prompt_lps:
+                prompt_lps = [None, *self._prompt_lps.pop(so.request_id)]
             results.append(EngineOutput(parent[0], parent[1], so.new_token_ids, so.finished,
-                                        so.finish_reason, so.stop_reason, lps))
+                                        so.finish_reason, so.stop_reason, lps, prompt_lps))
             if so.finished:
                 self._forget(so.request_id)
         return results
@@ -203,6 +228,7 @@ class LLMEngine:
     def _forget(self, child: str) -> None:
         parent = self._children.pop(child, None)
         self._child_params.pop(child, None)
+        self._prompt_lps.pop(child, None)
         if parent is None:
             return
         siblings = self._parents.get(parent[0], [])

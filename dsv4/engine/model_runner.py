@@ -4,7 +4,9 @@ Owns the tensors: the model, the KVCache (allocated once from the memory budget)
 A ScheduledBatch becomes one flat token row [1, N] (no padding to the longest request): per-token
 work (projections, MoE, mHC) runs on all N tokens together; each request's tokens are one
 attention segment reading its own window and compressed entries through its block tables.
-Logits are computed only for the rows that sample.
+Logits are computed only for the rows that sample, plus the prompt positions of requests that
+ask for prompt_logprobs (in slices of _PROMPT_LOGITS_ROWS rows, so a long chunk never holds
+[chunk, vocab] logits at once).
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ import torch
 from dsv4.cache.block_manager import BlockManager
 from dsv4.cache.kv_cache import DecodeGroup, KVCache, RequestView
 from dsv4.engine.batch import ScheduledBatch
-from dsv4.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
+from dsv4.engine.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata
 from dsv4.model.attention import DecodeRows, Segment
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "PromptLogprobs"]
+
+_PROMPT_LOGITS_ROWS = 256
+
+# per request id: (first prompt position scored, LogprobsTensors whose column 0 is the prompt
+# token that follows each scored position)
+PromptLogprobs = dict[str, tuple[int, LogprobsTensors]]
 
 
 class ModelRunner:
@@ -32,10 +40,12 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[list[int]], SamplerOutput | None]:
-        """Run one step; returns new token ids per row ([] for rows that do not sample)."""
+    def execute(self, batch: ScheduledBatch
+                ) -> tuple[list[list[int]], SamplerOutput | None, PromptLogprobs]:
+        """Run one step; returns new token ids per row ([] for rows that do not sample), the
+        sampler's output and the prompt logprobs of this step's prompt positions."""
         if batch.is_empty:
-            return [], None
+            return [], None, {}
         flat = [t for ids in batch.token_ids for t in ids]
         input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
         def tables(i: int) -> dict[str, list[int]]:
@@ -70,9 +80,10 @@ class ModelRunner:
             return segs
 
         h = self.model.run_layers(input_ids, layer_segments)
+        prompt_lps = self._prompt_logprobs(batch, h)
         rows = batch.sample_indices
         if not rows:
-            return [[] for _ in range(batch.num_reqs)], None
+            return [[] for _ in range(batch.num_reqs)], None, prompt_lps
         index = torch.tensor(batch.logits_indices(), dtype=torch.long, device=self.device)
         logits = self.model.logits(h[:, index])[0]  # [num_sampling_rows, vocab]
         meta = SamplingMetadata.from_batch(batch, self.device, self.model.config.vocab_size)
@@ -81,4 +92,29 @@ class ModelRunner:
         result: list[list[int]] = [[] for _ in range(batch.num_reqs)]
         for row, token in zip(rows, sampled):
             result[row] = [token]
-        return result, out
+        return result, out, prompt_lps
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, h: torch.Tensor) -> PromptLogprobs:
+        """Log-softmax of the logits at each scheduled position p < prompt length - 1 of rows
+        whose params ask for prompt_logprobs, scored against prompt token p + 1."""
+        found: PromptLogprobs = {}
+        if not batch.sampling_params:
+            return found  # a follower rank: the driver scores prompts
+        begin = 0
+        for i, ids in enumerate(batch.token_ids):
+            params, start = batch.sampling_params[i], batch.num_computed_tokens[i]
+            prompt = batch.prompt_token_ids[i]
+            stop = min(start + len(ids), len(prompt) - 1)
+            if params.prompt_logprobs is not None and stop > start:
+                parts = []
+                for lo in range(start, stop, _PROMPT_LOGITS_ROWS):
+                    hi = min(stop, lo + _PROMPT_LOGITS_ROWS)
+                    logp = self.model.logits(h[:, begin + lo - start:begin + hi - start])[0]
+                    targets = torch.tensor(prompt[lo + 1:hi + 1], device=self.device)
+                    parts.append(Sampler.gather_logprobs(logp.log_softmax(-1), targets,
+                                                         params.prompt_logprobs))
+                found[batch.req_ids[i]] = (start, LogprobsTensors(
+                    *(torch.cat([getattr(part, f) for part in parts])
+                      for f in ("token_ids", "logprobs", "sampled_token_ranks"))))
+            begin += len(ids)
+        return found

@@ -3,11 +3,14 @@
 A text prompt is tokenized as is (the V4 tokenizer adds no BOS: write ``<｜begin▁of▁sentence｜>``
 yourself for a fresh document). A list of prompts gives ``len(prompts) * n`` choices, choice
 ``p * n + j`` for prompt p. ``logprobs`` uses the legacy completions shape (tokens,
-token_logprobs, top_logprobs, text_offset). ``suffix`` (FIM) is rejected.
+token_logprobs, top_logprobs, text_offset); with ``echo`` the prompt's tokens come first, each
+scored given the ones before it (the first has None), as evaluation harnesses expect.
+``suffix`` (FIM) is rejected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -65,6 +68,8 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Completion
                                    max_tokens=req.max_tokens, logprobs=req.logprobs,
                                    skip_special_tokens=req.skip_special_tokens,
                                    prompt_field="prompt")
+    if req.echo and req.logprobs is not None:  # the prompt's logprobs lead the choice's
+        params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
     stats = RequestStats(state.metrics, sum(len(ids) for ids in ids_list))
     gen = Generation(state.llm, state.tokenizer, ids_list, params, rid, stats)
@@ -80,7 +85,8 @@ class CompletionRun:
         self.texts = [""] * gen.num_choices
         self.num_tokens = [0] * gen.num_choices
         self.logprobs = [CompletionLogprobs() for _ in range(gen.num_choices)]
-        self.offsets = [len(e) for e in self.echo]
+        # with echo + logprobs the offsets start at the prompt (its tokens are listed too)
+        self.offsets = [0 if req.logprobs is not None else len(e) for e in self.echo]
         self.finish = [None] * gen.num_choices
         self.created = int(time.time())
 
@@ -92,19 +98,25 @@ class CompletionRun:
         self.num_tokens[d.index] += len(d.token_ids)
         if d.finished:
             self.finish[d.index] = d.finish_reason
-        if self.req.logprobs is None or not d.logprobs:
+        lps: list[TokenLogprobs | None] = list(d.logprobs or [])
+        if self.echo[d.index] and d.prompt_logprobs:
+            lps = [*d.prompt_logprobs, *lps]
+        if self.req.logprobs is None or not lps:
             return text, None
-        return text, self._logprobs(d.index, d.logprobs)
+        first = self.gen.prompts[d.index // self.req.n][0]
+        return text, self._logprobs(d.index, lps, first)
 
-    def _logprobs(self, index: int, lps: list[TokenLogprobs]) -> CompletionLogprobs:
+    def _logprobs(self, index: int, lps: list[TokenLogprobs | None],
+                  first_prompt_token: int) -> CompletionLogprobs:
+        """Legacy logprobs for these tokens; None stands for the first prompt token (echo)."""
         token_text = self.state.token_text
         part = CompletionLogprobs()
         for t in lps:
-            tok = token_text(t.token_id)
+            tok = token_text(first_prompt_token if t is None else t.token_id)
             part.tokens.append(tok)
-            part.token_logprobs.append(max(t.logprob, -9999.0))
-            part.top_logprobs.append({token_text(i): max(lp, -9999.0)
-                                      for i, lp in t.top[:self.req.logprobs or 0]})
+            part.token_logprobs.append(None if t is None else max(t.logprob, -9999.0))
+            part.top_logprobs.append(None if t is None else {
+                token_text(i): max(lp, -9999.0) for i, lp in t.top[:self.req.logprobs or 0]})
             part.text_offset.append(self.offsets[index])
             self.offsets[index] += len(tok)
         whole = self.logprobs[index]

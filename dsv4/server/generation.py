@@ -63,6 +63,8 @@ class Delta:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
+    # with the first tokens, when params ask: None, then one per prompt token after the first
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class Generation:
@@ -122,9 +124,10 @@ class _Choice:
         self.detok = IncrementalDetokenizer(gen.tokenizer, self.params)
         self.out: list[int] = []
 
-    def emit(self, ids: list[int], lps: list[TokenLogprobs] | None) -> None:
+    def emit(self, ids: list[int], lps: list[TokenLogprobs] | None,
+             prompt_lps: list[TokenLogprobs | None] | None = None) -> None:
         self.out.extend(ids)
-        self.put(Delta(self.index, ids, self.detok.add(ids), lps))
+        self.put(Delta(self.index, ids, self.detok.add(ids), lps, prompt_logprobs=prompt_lps))
 
     async def run(self) -> None:
         gen = self.gen
@@ -167,7 +170,9 @@ class _Choice:
         # reasoning) keeps its own stops
         floor = 0 if phase.stop_token_ids else max(0, self.params.min_tokens - len(self.out))
         params = dataclasses.replace(self.params, max_tokens=cap, stop_token_ids=stop_ids,
-                                     min_tokens=min(floor, cap))
+                                     min_tokens=min(floor, cap),  # prompt logprobs: once
+                                     prompt_logprobs=None if self.out else
+                                     self.params.prompt_logprobs)
         ids: list[int] = []
         reason: str | None = None
         stop_reason: int | str | None = None
@@ -189,7 +194,7 @@ class _Choice:
                             return ids, "stop", None
                         continue
                     if new:
-                        self.emit(new, lps)
+                        self.emit(new, lps, o.prompt_logprobs)
                     if self.detok.stopped is not None and not o.finished:
                         self.gen.llm.finish(rid, 0, self.detok.stopped)
                         return ids, "stop", self.detok.stopped

@@ -194,9 +194,6 @@ def reject_unsupported(req: BaseModel) -> None:
             raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise APIError(400, "logprobs must be in [0, 20]", param="logprobs")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)",
-                           param="echo")
 
 
 # ---- responses ------------------------------------------------------------------------------
@@ -321,8 +318,9 @@ class ChatCompletionChunk(_Out):
 
 class CompletionLogprobs(_Out):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    # None for the first prompt token when echo shows the prompt's logprobs
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -156,6 +156,31 @@ def test_generate_accepts_vllm_prompt_dicts(tiny_checkpoint):
     assert llm.engine.block_manager.all_free()
 
 
+@pytest.mark.parametrize("budget, memory", [(256, None), (7, None), (48, TIGHT)])
+def test_prompt_logprobs_equal_full_forward(tiny_checkpoint, budget, memory):
+    """Every prompt token after the first gets its log-softmax under the full forward, with its
+    rank and the top-N, whatever the chunking; a preempted request does not repeat them."""
+    path = tiny_checkpoint(tiny_config(index_topk=2))
+    kw = dict(memory or {}, max_num_batched_tokens=budget)
+    llm = make_llm(path, **kw)
+    prompts = prompts_of([1, 33, 60, 57])
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+        max_tokens=4, prompt_logprobs=3, **GREEDY))
+    model = llm.engine.model
+    for prompt, out in zip(prompts, outs):
+        lps = out.prompt_logprobs
+        assert lps is not None and len(lps) == len(prompt) and lps[0] is None
+        if len(prompt) == 1:
+            continue
+        full = model(torch.tensor([prompt]))[0, :-1].log_softmax(-1)
+        for p, tl in enumerate(lps[1:]):
+            assert tl.token_id == prompt[p + 1]
+            assert abs(tl.logprob - full[p, tl.token_id].item()) <= 1e-5
+            assert tl.rank == int((full[p] > full[p, tl.token_id]).sum()) + 1
+            assert [i for i, _ in tl.top] == full[p].topk(3).indices.tolist()
+    assert llm.engine.block_manager.all_free() and not llm.engine._prompt_lps
+
+
 def test_preemption_keeps_greedy_outputs(tiny_checkpoint):
     path = tiny_checkpoint(tiny_config(index_topk=2))
     prompts = prompts_of([30, 25, 40, 35])

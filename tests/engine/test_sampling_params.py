@@ -28,7 +28,7 @@ def test_defaults_and_normalisation():
     ("frequency_penalty", -3.0), ("repetition_penalty", 0.0), ("seed", "7"), ("logprobs", -1),
     ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("min_tokens", -1),
     ("min_tokens", 1.5), ("min_tokens", 17), ("logit_bias", {-1: 1.0}), ("logit_bias", {"5": 1.0}),
-    ("logit_bias", {5: float("inf")}),
+    ("logit_bias", {5: float("inf")}), ("prompt_logprobs", -1),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -56,6 +56,8 @@ def test_validate_prompt():
         validate_prompt([1], SamplingParams(logprobs=11), ec, vocab_size=10)
     with pytest.raises(ValueError, match="logit_bias"):
         validate_prompt([1], SamplingParams(logit_bias={10: 1.0}), ec, vocab_size=10)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        validate_prompt([1], SamplingParams(prompt_logprobs=11), ec, vocab_size=10)
 
 
 @pytest.mark.parametrize("field, value", [

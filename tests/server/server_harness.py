@@ -57,21 +57,23 @@ class ScriptedRunner:
             self._plans[request_id] = None if text is None else self.tokenizer.encode(text)
         return self._plans[request_id]
 
-    def execute(self, batch: Any) -> tuple[list[list[int]], Any]:
+    def execute(self, batch: Any) -> tuple[list[list[int]], Any, dict]:
         rows = batch.sample_indices
         plans = {r: self._plan(batch.req_ids[r], batch.prompt_token_ids[r]) for r in rows}
         scripted_only = rows and all(plans[r] is not None for r in rows)
-        if scripted_only and all(batch.sampling_params[r].logprobs is None for r in rows):
+        if scripted_only and all(batch.sampling_params[r].logprobs is None
+                                 and batch.sampling_params[r].prompt_logprobs is None
+                                 for r in rows):
             result: list[list[int]] = [[] for _ in range(batch.num_reqs)]
-            out = None
+            out, prompt_lps = None, {}
         else:
-            result, out = self.real(batch)
+            result, out, prompt_lps = self.real(batch)
         for r in rows:
             ids = plans[r]
             if ids is not None:
                 k = batch.num_output_tokens[r]
                 result[r] = [ids[k] if k < len(ids) else self.eos]
-        return result, out
+        return result, out, prompt_lps
 
 
 class ServerHandle:

@@ -66,6 +66,21 @@ def test_completions(srv, client):
     echo = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
                                      echo=True)
     assert echo.choices[0].text == "Hello" + choice.text
+    # echo + logprobs (lm-eval's loglikelihood call): the prompt's tokens lead, the first
+    # without a logprob, each later one scored given the tokens before it
+    prompt_ids = srv.tokenizer.encode("Hello there, world")
+    scored = client.completions.create(model=MODEL, prompt="Hello there, world", max_tokens=1,
+                                       temperature=0, echo=True, logprobs=1).choices[0].logprobs
+    assert len(scored.tokens) == len(prompt_ids) + 1 and scored.token_logprobs[0] is None
+    assert scored.top_logprobs[0] is None and all(len(t) == 1 for t in scored.top_logprobs[1:])
+    assert all(lp <= 0 for lp in scored.token_logprobs[1:])
+    assert scored.text_offset[0] == 0 and scored.text_offset == sorted(scored.text_offset)
+    # the same value as generating that token after the first (forced by logit_bias, which
+    # leaves the reported logprobs raw)
+    forced = client.completions.create(model=MODEL, prompt=prompt_ids[:1], max_tokens=1,
+                                       temperature=0, logprobs=1,
+                                       logit_bias={str(prompt_ids[1]): 100}).choices[0].logprobs
+    assert forced.token_logprobs[0] == pytest.approx(scored.token_logprobs[1], abs=1e-4)
     ids = srv.tokenizer.encode("Hello")
     batch = client.completions.create(model=MODEL, prompt=[ids, "Hello"], max_tokens=4, n=2,
                                       temperature=0)
