@@ -21,7 +21,7 @@ from dsv4.cache.spec import kv_bytes_per_seq, kv_bytes_per_token, state_bytes_pe
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.model_runner import ModelRunner
 from dsv4.engine.request import Request, RequestStatus
-from dsv4.engine.sampler import SamplerOutput
+from dsv4.engine.sampler import LogprobsTensors, SamplerOutput
 from dsv4.engine.scheduler import Scheduler
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.model.loader import load_model
@@ -179,7 +179,7 @@ class LLMEngine:
         step_outputs = self.scheduler.update_from_output(batch, sampled)
         return self._convert(step_outputs, batch.req_ids, out, batch.sample_indices)
 
-    def _collect_prompt_logprobs(self, child: str, start: int, t: Any) -> None:
+    def _collect_prompt_logprobs(self, child: str, start: int, t: LogprobsTensors) -> None:
         """Keep the prompt logprobs of positions start.. not collected before (a request that
         was preempted recomputes its prompt; its first pass already counted, and once the
         first token went out there is nothing left to collect)."""

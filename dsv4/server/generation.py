@@ -166,13 +166,12 @@ class _Choice:
         if phase.max_tokens is not None:
             cap = min(cap, phase.max_tokens)
         stop_ids = list(self.params.stop_token_ids or []) + phase.stop_token_ids
-        # what is left of min_tokens; a phase ended by structural ids (a tool-call plan's
-        # reasoning) keeps its own stops
+        # what is left of min_tokens (a phase ended by structural ids, a tool-call plan's
+        # reasoning, keeps its own stops); prompt logprobs only over the request's own prompt
         floor = 0 if phase.stop_token_ids else max(0, self.params.min_tokens - len(self.out))
-        params = dataclasses.replace(self.params, max_tokens=cap, stop_token_ids=stop_ids,
-                                     min_tokens=min(floor, cap),  # prompt logprobs: once
-                                     prompt_logprobs=None if self.out else
-                                     self.params.prompt_logprobs)
+        params = dataclasses.replace(
+            self.params, max_tokens=cap, stop_token_ids=stop_ids, min_tokens=min(floor, cap),
+            prompt_logprobs=None if self.out else self.params.prompt_logprobs)
         ids: list[int] = []
         reason: str | None = None
         stop_reason: int | str | None = None
