@@ -234,6 +234,34 @@ class DecodeGroup:
         self.swa_offsets = torch.tensor(swa_offsets, dtype=torch.long, device=dev)
         self.tables = {k: _padded([t[k] for t in tables], dev) for k in tables[0]}
         self.rows = torch.arange(len(positions), device=dev)
+        self._window: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._entry_slots: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def window_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat swa slots [R, W] of each row's window (oldest first, the new token last) and
+        which of those positions exist [R, W]: the same in every layer, so built once a step."""
+        if self._window is None:
+            bs, w = self.cache.block_size, self.cache.config.sliding_window
+            pos = self.positions.unsqueeze(1) + torch.arange(1 - w, 1, device=self.cache.device)
+            valid = pos >= 0
+            pos = pos.clamp_min(0)
+            block = (pos // bs - self.swa_offsets.unsqueeze(1)).clamp_min(0)
+            self._window = (self.tables["swa"].gather(1, block) * bs + pos % bs, valid)
+        return self._window
+
+    def entry_slots(self, kind: str, per_block: int, ratio: int) -> torch.Tensor:
+        """Flat slots [R, E] of the compressed entries of `kind` ("csa" / "hca"), -1 where a
+        row has none yet; shared by every layer (and the indexer keys) of that kind."""
+        key = (kind, per_block, ratio)
+        if key not in self._entry_slots:
+            counts = [(p + 1) // ratio for p in self.pos_list]
+            ids = torch.arange(max(counts), device=self.cache.device)
+            table = self.tables[kind]
+            blocks = (ids // per_block).clamp_max(table.shape[1] - 1)
+            slots = table[:, blocks] * per_block + ids % per_block
+            have = torch.tensor(counts, dtype=torch.long, device=self.cache.device)
+            self._entry_slots[key] = slots.masked_fill(ids >= have.unsqueeze(1), -1)
+        return self._entry_slots[key]
 
     def layer(self, layer: int) -> _BatchedLayerStore:
         return _BatchedLayerStore(self, layer)
@@ -249,13 +277,7 @@ class _BatchedLayerStore:
     def window(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store each row's new window entry; return its window [R, W, D] (oldest first, the
         new token last) and which of those positions exist [R, W]."""
-        g, bs = self.group, self.group.cache.block_size
-        w = self.group.cache.config.sliding_window
-        pos = g.positions.unsqueeze(1) + torch.arange(1 - w, 1, device=kv.device)  # [R, W]
-        valid = pos >= 0
-        pos = pos.clamp_min(0)
-        block = (pos // bs - g.swa_offsets.unsqueeze(1)).clamp_min(0)
-        slots = g.tables["swa"].gather(1, block) * bs + pos % bs
+        slots, valid = self.group.window_slots()
         cache = self.group.cache
         self.window_flat[slots[:, -1]] = cache.encode("swa", kv)
         keys = cache.read("swa", self.window_flat[slots[:, :-1]])
@@ -270,8 +292,7 @@ class _BatchedCompressorStore:
         self.key = key
         self.flat, self.per_block, self.table = _compressed_storage(group.cache, group.tables,
                                                                     key, layer)
-        self.counts = [(p + 1) // ratio for p in group.pos_list]  # entries after this token
-        self.num_entries = max(self.counts)
+        self.num_entries = max((p + 1) // ratio for p in group.pos_list)  # after this token
 
     def write_token(self, kv: torch.Tensor, score: torch.Tensor) -> None:
         g = self.group
@@ -309,10 +330,6 @@ class _BatchedCompressorStore:
     def entry_slots(self) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(storage [1, S, D or bytes], slots [R, E] with -1 for entries a row does not have
         yet, decoder of stored rows or None)."""
-        dev = self.flat.device
-        ids = torch.arange(self.num_entries, device=dev)
-        counts = torch.tensor(self.counts, dtype=torch.long, device=dev)
-        blocks = (ids // self.per_block).clamp_max(self.table.shape[1] - 1)
-        slots = self.table[:, blocks] * self.per_block + ids % self.per_block
-        return (self.flat.unsqueeze(0), slots.masked_fill(ids >= counts.unsqueeze(1), -1),
+        kind = "csa" if self.key.startswith("csa") else "hca"
+        return (self.flat.unsqueeze(0), self.group.entry_slots(kind, self.per_block, self.ratio),
                 self.group.cache.decoder(self.key))
