@@ -122,13 +122,18 @@ def _slots(table: torch.Tensor, ids: torch.Tensor, per_block: int) -> torch.Tens
     return table[ids // per_block] * per_block + ids % per_block
 
 
+def _kind(key: str) -> str:
+    """The block kind of a compressed store: csa_index lives in csa's blocks."""
+    return "csa" if key.startswith("csa") else "hca"
+
+
 def _compressed_storage(cache: KVCache, tables: Any, key: str, layer: int
                         ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """(flat entry storage [blocks * per_block, D or bytes], per_block, block table) of one
     compressed kind ("csa", "csa_index" or "hca") in one layer; csa_index uses csa's blocks."""
     storage = cache.entries[key][layer]  # [blocks, per_block, D or bytes]
     flat = storage.view(-1, storage.shape[-1])
-    return flat, storage.shape[1], tables["csa" if key.startswith("csa") else "hca"]
+    return flat, storage.shape[1], tables[_kind(key)]
 
 
 class _CompressorStore:
@@ -330,6 +335,6 @@ class _BatchedCompressorStore:
     def entry_slots(self) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(storage [1, S, D or bytes], slots [R, E] with -1 for entries a row does not have
         yet, decoder of stored rows or None)."""
-        kind = "csa" if self.key.startswith("csa") else "hca"
-        return (self.flat.unsqueeze(0), self.group.entry_slots(kind, self.per_block, self.ratio),
+        return (self.flat.unsqueeze(0),
+                self.group.entry_slots(_kind(self.key), self.per_block, self.ratio),
                 self.group.cache.decoder(self.key))
