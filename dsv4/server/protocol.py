@@ -160,9 +160,10 @@ class DetokenizeRequest(_Strict):
 
 
 def reject_unsupported(req: BaseModel) -> None:
-    """400 for fields dsv4 cannot honour (set to anything but their neutral value)."""
+    """400 for fields dsv4 cannot honour (set to anything but their neutral value) and for
+    logit_bias entries that are not a token id and a bias in [-100, 100]."""
     for key, bias in (getattr(req, "logit_bias", None) or {}).items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit()):
             raise APIError(400, f"logit_bias keys must be token ids, got {key!r}",
                            param="logit_bias")
         if not -100 <= bias <= 100:

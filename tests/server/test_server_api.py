@@ -128,6 +128,7 @@ def _error(call):
     (dict(n=0), "n"),
     (dict(max_tokens=100_000), "max_tokens"),
     (dict(logit_bias={"five": 1.0}), "logit_bias"),
+    (dict(logit_bias={"\u00b2": 1.0}), "logit_bias"),  # a digit to str.isdigit, not to int()
     (dict(logit_bias={"5": 101}), "logit_bias"),
     (dict(logit_bias={"999999999": 1.0}), "logit_bias"),
     (dict(max_tokens=4, extra_body={"min_tokens": 5}), "min_tokens"),
