@@ -63,6 +63,15 @@ class EngineOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
+def _token_logprobs(t: LogprobsTensors, rows: slice, n: int) -> list[TokenLogprobs]:
+    """Rows of sampler-layout logprobs (column 0 the chosen token, then the top ones) with the
+    top-n each."""
+    ids, lps = t.token_ids[rows].tolist(), t.logprobs[rows].tolist()
+    ranks = t.sampled_token_ranks[rows].tolist()
+    return [TokenLogprobs(i[0], lp[0], r, list(zip(i[1:n + 1], lp[1:n + 1])))
+            for i, lp, r in zip(ids, lps, ranks)]
+
+
 def default_kv_cache_memory(device: torch.device, fraction: float = 0.2) -> int:
     """A share of the memory that is free now (CUDA: device memory; CPU: MemAvailable)."""
     if device.type == "cuda":
@@ -186,12 +195,10 @@ class LLMEngine:
         have = self._prompt_lps.get(child)
         if have is None:
             return
-        n = self._child_params[child].prompt_logprobs or 0
-        ids, lps, ranks = t.token_ids.tolist(), t.logprobs.tolist(), t.sampled_token_ranks.tolist()
-        for m in range(len(ids)):
-            if start + m == len(have):
-                have.append(TokenLogprobs(ids[m][0], lps[m][0], ranks[m],
-                                          list(zip(ids[m][1:n + 1], lps[m][1:n + 1]))))
+        skip = len(have) - start  # rows already collected
+        if 0 <= skip < t.token_ids.shape[0]:
+            have.extend(_token_logprobs(t, slice(skip, None),
+                                        self._child_params[child].prompt_logprobs or 0))
 
     def _convert(self, step_outputs: list, req_ids: list[str] | None, out: SamplerOutput | None,
                  sample_rows: list[int] | None = None) -> list[EngineOutput]:
@@ -220,10 +227,7 @@ class LLMEngine:
         n = self._child_params[child].logprobs
         if n is None:
             return None
-        t = out.logprobs
-        ids, lps = t.token_ids[k].tolist(), t.logprobs[k].tolist()
-        top = list(zip(ids[1:n + 1], lps[1:n + 1]))
-        return [TokenLogprobs(ids[0], lps[0], int(t.sampled_token_ranks[k]), top)]
+        return _token_logprobs(out.logprobs, slice(k, k + 1), n)
 
     def _forget(self, child: str) -> None:
         parent = self._children.pop(child, None)
