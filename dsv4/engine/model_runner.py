@@ -98,8 +98,10 @@ class ModelRunner:
         """Log-softmax of the logits at each scheduled position p < prompt length - 1 of rows
         whose params ask for prompt_logprobs, scored against prompt token p + 1."""
         found: PromptLogprobs = {}
-        if not batch.sampling_params:
-            return found  # a follower rank: the driver scores prompts
+        # a follower rank has no sampling params (the driver scores prompts); most steps have no
+        # row that asks
+        if not any(p.prompt_logprobs is not None for p in batch.sampling_params):
+            return found
         begin = 0
         for i, ids in enumerate(batch.token_ids):
             params, start = batch.sampling_params[i], batch.num_computed_tokens[i]
