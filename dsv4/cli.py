@@ -9,13 +9,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
-__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "main"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "dtype_from_flag", "main"]
 
 DTYPE_CHOICES = ("auto", "float32", "float64", "bfloat16")
 DTYPE_HELP = ("compute dtype (auto: float32 on CPU, bfloat16 on GPU, FP8/FP4 weights kept); any "
               "other value expands every weight to it at load. float64 is the exact mode: "
               "logits do not depend on chunking or batching, QAT rounding included")
+
+
+def dtype_from_flag(name: str) -> torch.dtype | None:
+    """--dtype value -> the dtype for LLM / LLMEngine (None for auto)."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
 
 
 def _generate(argv: list[str]) -> int:
@@ -42,8 +53,6 @@ def _generate(argv: list[str]) -> int:
     if args.no_thinking and not args.chat:
         p.error("--no-thinking needs --chat")
 
-    import torch
-
     from dsv4.llm import LLM
     from dsv4.sampling_params import SamplingParams
 
@@ -55,8 +64,7 @@ def _generate(argv: list[str]) -> int:
     from dsv4.demo import resolve_model
 
     path, _ = resolve_model(args.model)
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    llm = LLM(path, device=args.device, dtype=dtype, emulate_quant=not args.no_emulate_quant,
+    llm = LLM(path, device=args.device, dtype=dtype_from_flag(args.dtype), emulate_quant=not args.no_emulate_quant,
               progress=True, max_model_len=args.max_model_len,
               kv_cache_memory=args.kv_cache_memory)
     start = time.perf_counter()

@@ -18,7 +18,7 @@ from types import FrameType
 
 import uvicorn
 
-from dsv4.cli import DTYPE_CHOICES, DTYPE_HELP
+from dsv4.cli import DTYPE_CHOICES, DTYPE_HELP, dtype_from_flag
 from dsv4.demo import resolve_model
 
 __all__ = ["main", "parse_bytes", "resolve_model"]
@@ -104,8 +104,6 @@ def _interrupt(sig: int, frame: FrameType | None) -> None:
 
 def _serve(args: argparse.Namespace, path: Path, names: list[str], api_key: str | None,
            engine_args: dict) -> int:
-    import torch
-
     from dsv4.async_llm import AsyncLLM
     from dsv4.encoding_effort import detect_effort_profile
     from dsv4.engine.llm_engine import LLMEngine
@@ -117,8 +115,8 @@ def _serve(args: argparse.Namespace, path: Path, names: list[str], api_key: str 
         profile = detect_effort_profile(path)
     print(f"dsv4 serve: loading {path} ...", file=sys.stderr, flush=True)
     try:
-        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        engine = LLMEngine.from_pretrained(path, device=args.device, dtype=dtype, progress=True,
+        engine = LLMEngine.from_pretrained(path, device=args.device,
+                                           dtype=dtype_from_flag(args.dtype), progress=True,
                                            **engine_args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"dsv4 serve: cannot load {path}: {exc}", file=sys.stderr)
