@@ -107,7 +107,10 @@ class ModelRunner:
             params, start = batch.sampling_params[i], batch.num_computed_tokens[i]
             prompt = batch.prompt_token_ids[i]
             stop = min(start + len(ids), len(prompt) - 1)
-            if params.prompt_logprobs is not None and stop > start:
+            # a request with output already handed its prompt logprobs out (a preempted one
+            # recomputes its prompt; no need to score it again)
+            if params.prompt_logprobs is not None and stop > start \
+                    and not batch.num_output_tokens[i]:
                 parts = []
                 for lo in range(start, stop, _PROMPT_LOGITS_ROWS):
                     hi = min(stop, lo + _PROMPT_LOGITS_ROWS)
