@@ -9,46 +9,25 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
-
-__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "dtype_from_flag", "main"]
-
-DTYPE_CHOICES = ("auto", "float32", "float64", "bfloat16")
-DTYPE_HELP = ("compute dtype (auto: float32 on CPU, bfloat16 on GPU, FP8/FP4 weights kept); any "
-              "other value expands every weight to it at load. float64 is the exact mode: "
-              "logits do not depend on chunking or batching, QAT rounding included")
-
-
-def dtype_from_flag(name: str) -> torch.dtype | None:
-    """--dtype value -> the dtype for LLM / LLMEngine (None for auto)."""
-    import torch
-
-    return None if name == "auto" else getattr(torch, name)
+__all__ = ["main"]
 
 
 def _generate(argv: list[str]) -> int:
+    from dsv4.engine_args import EngineArgs
+
     p = argparse.ArgumentParser(prog="dsv4 generate", description="Complete prompts offline.")
     p.add_argument("prompts", nargs="+", help="prompt text (one or more; batched together)")
-    p.add_argument("--model", help="checkpoint directory or HF repo id in the local HF cache "
-                   "(default: the embedded demo model)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
-    p.add_argument("--no-emulate-quant", action="store_true",
-                   help="turn off the reference's FP8/FP4 KV and indexer rounding")
     p.add_argument("--chat", action="store_true",
                    help="send each prompt as one user message through the official V4 chat "
                         "encoding (thinking on, as DeepSeek's API)")
     p.add_argument("--no-thinking", action="store_true", help="with --chat: chat mode")
+    EngineArgs.add_cli_args(p)
     args = p.parse_args(argv)
     if args.no_thinking and not args.chat:
         p.error("--no-thinking needs --chat")
@@ -59,14 +38,15 @@ def _generate(argv: list[str]) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        engine_args = EngineArgs.from_cli_args(args)
     except ValueError as exc:
         p.error(str(exc))
-    from dsv4.demo import resolve_model
-
-    path, _ = resolve_model(args.model)
-    llm = LLM(path, device=args.device, dtype=dtype_from_flag(args.dtype), emulate_quant=not args.no_emulate_quant,
-              progress=True, max_model_len=args.max_model_len,
-              kv_cache_memory=args.kv_cache_memory)
+    try:
+        engine_args.model_path(announce=True)
+        llm = LLM.from_engine_args(engine_args, progress=True)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dsv4 generate: {exc}", file=sys.stderr)
+        return 1
     start = time.perf_counter()
     try:
         if args.chat:

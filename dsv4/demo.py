@@ -49,32 +49,35 @@ def default_model_path() -> Path:
     return path
 
 
-def resolve_model(model: str | None) -> tuple[Path, str]:
+def resolve_model(model: str | Path | None, announce: bool = True) -> tuple[Path, str]:
     """The MODEL argument of a command -> (checkpoint directory, default served name): a
-    directory, a Hugging Face repo id already in the local HF cache, or None for the demo model.
-    SystemExit with a clear message otherwise."""
+    directory, a Hugging Face repo id already in the local HF cache, or None for the demo model
+    (announced on stderr unless ``announce`` is False). FileNotFoundError with a clear message
+    otherwise."""
     if model is None:
         path = default_model_path()
-        print(f"dsv4: using the embedded demo model at {path} (RANDOM weights: expect "
-              "gibberish)", file=sys.stderr)
+        if announce:
+            print(f"dsv4: using the embedded demo model at {path} (RANDOM weights: expect "
+                  "gibberish)", file=sys.stderr)
         return path, DEMO_NAME
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise SystemExit(f"dsv4: {path} is not a checkpoint directory (no config.json)")
+            raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
         return path, path.name
+    model = str(model)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model) is None:
-        raise SystemExit(f"dsv4: {model!r} is neither a directory nor a Hugging Face "
-                         "repo id (org/name)")
+        raise FileNotFoundError(f"{model!r} is neither a directory nor a Hugging Face repo id "
+                                "(org/name)")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise SystemExit(f"dsv4: {model!r} is not a directory, and resolving a Hugging Face"
-                         " repo id needs the huggingface_hub package (pip install "
-                         "huggingface_hub)") from None
+        raise FileNotFoundError(f"{model!r} is not a directory, and resolving a Hugging Face "
+                                "repo id needs the huggingface_hub package (pip install "
+                                "huggingface_hub)") from None
     try:
         return Path(snapshot_download(model, local_files_only=True)), model
     except Exception as exc:  # noqa: BLE001 - every failure means "not in the local cache"
-        raise SystemExit(f"dsv4: {model!r} is not in the local Hugging Face cache "
-                         f"({type(exc).__name__}); download it first, e.g. "
-                         f"`huggingface-cli download {model}`") from None
+        raise FileNotFoundError(f"{model!r} is not in the local Hugging Face cache "
+                                f"({type(exc).__name__}); download it first, e.g. "
+                                f"`huggingface-cli download {model}`") from None

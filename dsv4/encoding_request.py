@@ -4,7 +4,8 @@ Thinking follows the DeepSeek API: on unless disabled. Precedence: top-level
 ``thinking: {"type": "enabled"|"disabled"}``, then ``chat_template_kwargs`` (``thinking``,
 ``enable_thinking``, ``thinking_mode``), then ``reasoning_effort: "none"``, then on.
 Effort spellings (``reasoning_effort``, ``reasoning.effort``, ``chat_template_kwargs``) map to the
-checkpoint's effort profile; an unknown spelling raises ``ValueError`` (a 400 for the server).
+checkpoint's effort profile; an unknown spelling raises ``InvalidRequestError`` naming the
+request field (a 400 for the server).
 The raw ``tools`` JSON is passed through untouched (never re-serialized through a model class).
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dsv4.encoding_effort import PROFILE_0731, PROFILE_PREVIEW, check_profile
+from dsv4.errors import InvalidRequestError
 
 # client spelling -> encoder level, per profile (chat_format.md section 1.10 / 4.1)
 _EFFORT_MAP: dict[str, dict[str, str]] = {
@@ -44,7 +46,7 @@ def _as_flag(value: Any, field: str) -> bool | None:
             return True
         if word in _FALSE_WORDS:
             return False
-    raise ValueError(f"invalid value for {field}: {value!r}")
+    raise InvalidRequestError(f"invalid value for {field}: {value!r}", param=field)
 
 
 def _raw_effort(request: Mapping[str, Any], kwargs: Mapping[str, Any]) -> str | None:
@@ -57,7 +59,8 @@ def _raw_effort(request: Mapping[str, Any], kwargs: Mapping[str, Any]) -> str | 
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ValueError(f"reasoning_effort must be a string, not {value!r}")
+        raise InvalidRequestError(f"reasoning_effort must be a string, not {value!r}",
+                                  param="reasoning_effort")
     return value.strip().lower()
 
 
@@ -89,9 +92,9 @@ def normalize_reasoning_effort(value: str | None, profile: str = PROFILE_PREVIEW
         return _DEFAULT_EFFORT[profile]
     word = value.strip().lower()
     if word not in table:
-        raise ValueError(
-            f"invalid reasoning_effort {value!r}; expected one of {sorted(table)} or 'none'"
-        )
+        raise InvalidRequestError(
+            f"invalid reasoning_effort {value!r}; expected one of {sorted(table)} or 'none'",
+            param="reasoning_effort")
     return table[word]
 
 
@@ -124,7 +127,8 @@ def encoder_args_from_request(
     check_profile(effort_profile)
     kwargs = request.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, Mapping):
-        raise ValueError("chat_template_kwargs must be an object")
+        raise InvalidRequestError("chat_template_kwargs must be an object",
+                                  param="chat_template_kwargs")
     thinking = resolve_thinking(request)
     raw = _raw_effort(request, kwargs)
     effort = None
@@ -138,7 +142,7 @@ def encoder_args_from_request(
     if task is not None:
         users = [m for m in messages if m.get("role") == "user"]
         if not users:
-            raise ValueError("'task' needs a user message to attach to")
+            raise InvalidRequestError("'task' needs a user message to attach to", param="task")
         users[-1]["task"] = task
 
     drop = kwargs.get("drop_thinking", True)

@@ -1,6 +1,7 @@
 """SamplingParams: how one request is sampled and when it stops (vLLM's field names and meaning).
 
-Validated once in ``__post_init__``: a bad value raises ValueError naming the field. ``stop`` is
+Validated once in ``__post_init__``: a bad value raises ``InvalidRequestError`` (a ValueError)
+whose ``param`` names the field. ``stop`` is
 normalised to a list of strings, ``stop_token_ids`` to a list of ints. Stop *strings* are matched
 by the detokenizer layer (the engine only sees token ids); ``validate_prompt`` checks a prompt
 against the engine limits. Treat an instance as read-only once a request holds it.
@@ -11,10 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from dsv4.engine.engine_config import EngineConfig
+from dsv4.errors import InvalidRequestError
 
 __all__ = ["SamplingParams", "validate_prompt", "GREEDY_TEMPERATURE"]
 
@@ -62,48 +61,49 @@ class SamplingParams:
         self._verify()
 
     def _verify(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (off) or a positive integer, got "
-                             f"{self.top_k!r}")
-        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        def check(ok: bool, param: str, message: str) -> None:
+            if not ok:
+                raise InvalidRequestError(message, param=param)
+
+        check(_is_int(self.n) and self.n >= 1, "n", f"n must be an integer >= 1, got {self.n!r}")
+        check(_is_number(self.temperature) and self.temperature >= 0, "temperature",
+              f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p",
+              f"top_p must be in (0, 1], got {self.top_p!r}")
+        check(_is_int(self.top_k) and self.top_k >= -1, "top_k",
+              f"top_k must be -1 or 0 (off) or a positive integer, got {self.top_k!r}")
+        check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p",
+              f"min_p must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if not _is_number(value) or not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be an integer >= 1 or None, got "
-                             f"{self.max_tokens!r}")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
-                             f"({self.max_tokens})")
+            check(_is_number(value) and -2.0 <= value <= 2.0, name,
+                  f"{name} must be in [-2, 2], got {value!r}")
+        check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+              "repetition_penalty", f"repetition_penalty must be > 0, got "
+              f"{self.repetition_penalty!r}")
+        check(self.seed is None or _is_int(self.seed), "seed",
+              f"seed must be an integer or None, got {self.seed!r}")
+        check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+              "max_tokens", f"max_tokens must be an integer >= 1 or None, got "
+              f"{self.max_tokens!r}")
+        check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
+              f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         for token_id, bias in (self.logit_bias or {}).items():
-            if not _is_int(token_id) or token_id < 0:
-                raise ValueError(f"logit_bias keys must be token ids >= 0, got {token_id!r}")
-            if not _is_number(bias):
-                raise ValueError(f"logit_bias[{token_id}] must be a finite number, got {bias!r}")
+            check(_is_int(token_id) and token_id >= 0, "logit_bias",
+                  f"logit_bias keys must be token ids >= 0, got {token_id!r}")
+            check(_is_number(bias), "logit_bias",
+                  f"logit_bias[{token_id}] must be a finite number, got {bias!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 0):
-                raise ValueError(f"{name} must be an integer >= 0 or None, got {value!r}")
+            check(value is None or (_is_int(value) and value >= 0), name,
+                  f"{name} must be an integer >= 0 or None, got {value!r}")
         assert isinstance(self.stop, list)
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids or ()):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got "
-                             f"{self.stop_token_ids!r}")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop",
+              f"stop must be non-empty strings, got {self.stop!r}")
+        check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids or ()), "stop_token_ids",
+              f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -119,37 +119,40 @@ class SamplingParams:
 def validate_prompt(
     prompt_token_ids: Sequence[int],
     sampling_params: SamplingParams,
-    engine_config: EngineConfig,
+    max_model_len: int,
     vocab_size: int,
 ) -> None:
-    """Raise ValueError (naming the problem) when the prompt cannot be served as asked: empty,
-    token ids outside [0, vocab_size), no room for one output token within max_model_len,
-    prompt + max_tokens beyond max_model_len, stop_token_ids or logit_bias ids outside the
-    vocabulary, more logprobs than the vocabulary has."""
+    """Raise InvalidRequestError (naming the parameter) when the prompt cannot be served as
+    asked: empty, token ids outside [0, vocab_size), no room for one output token within
+    max_model_len, prompt + max_tokens beyond max_model_len, stop_token_ids or logit_bias ids
+    outside the vocabulary, more logprobs than the vocabulary has."""
     num_prompt = len(prompt_token_ids)
-    max_model_len = engine_config.max_model_len
     if num_prompt == 0:
-        raise ValueError("prompt is empty: at least one prompt token is needed")
+        raise InvalidRequestError("prompt is empty: at least one prompt token is needed",
+                                  param="prompt")
     for i, token_id in enumerate(prompt_token_ids):
         if not _is_int(token_id) or not 0 <= token_id < vocab_size:
-            raise ValueError(f"prompt token id {token_id!r} at position {i} is outside the "
-                             f"vocabulary [0, {vocab_size})")
+            raise InvalidRequestError(f"prompt token id {token_id!r} at position {i} is outside "
+                                      f"the vocabulary [0, {vocab_size})", param="prompt")
     if num_prompt >= max_model_len:
-        raise ValueError(f"prompt has {num_prompt} tokens, which leaves no room for output "
-                         f"within max_model_len={max_model_len}")
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{num_prompt} tokens, which leaves no room for output", param="prompt",
+            code="context_length_exceeded")
     max_tokens = sampling_params.max_tokens
     if max_tokens is not None and num_prompt + max_tokens > max_model_len:
-        raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = "
-                         f"{num_prompt + max_tokens} exceeds max_model_len={max_model_len}")
-    for token_id in sampling_params.stop_token_ids or ():
-        if token_id >= vocab_size:
-            raise ValueError(f"stop_token_ids: {token_id} is outside the vocabulary "
-                             f"[0, {vocab_size})")
-    for token_id in sampling_params.logit_bias or ():
-        if token_id >= vocab_size:
-            raise ValueError(f"logit_bias: token id {token_id} is outside the vocabulary "
-                             f"[0, {vocab_size})")
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens; the prompt "
+            f"({num_prompt} tokens) + max_tokens ({max_tokens}) = {num_prompt + max_tokens} "
+            "exceeds it. Reduce the length of the prompt or of the completion.",
+            param="max_tokens", code="context_length_exceeded")
+    for name in ("stop_token_ids", "logit_bias"):
+        for token_id in getattr(sampling_params, name) or ():
+            if token_id >= vocab_size:
+                raise InvalidRequestError(f"{name}: token id {token_id} is outside the "
+                                          f"vocabulary [0, {vocab_size})", param=name)
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(sampling_params, name)
         if value is not None and value > vocab_size:
-            raise ValueError(f"{name} {value} exceeds the vocabulary size {vocab_size}")
+            raise InvalidRequestError(f"{name} {value} exceeds the vocabulary size {vocab_size}",
+                                      param=name)

@@ -36,8 +36,10 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids, no BOS added (the chat encoder writes BOS as text)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Text -> ids, no BOS added (the chat encoder writes BOS as text). The batch call
+        without offsets releases the GIL while it works, so a long prompt tokenized in a worker
+        thread does not stall the event loop (``encode`` holds it throughout)."""
+        return self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

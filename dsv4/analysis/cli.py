@@ -77,7 +77,7 @@ def _measure(models: list[str], context: int) -> dict[str, list[dict[str, object
 
 
 def _measure_text(measured: dict[str, list[dict[str, object]]], context: int) -> str:
-    lines = [f"Measured at context {context:,}: dsv4.model's forward_step, one token, meta device,",
+    lines = [f"Measured at context {context:,}: dsv4.model's forward, one token, meta device,",
              "FlopCounterMode, real widths, layers SWA CSA HCA CSA HCA SWA (GFLOP per kind):"]
     for key, rows in measured.items():
         for r in rows:

@@ -4,7 +4,7 @@ Accounting: 2 FLOPs per multiply-accumulate, matrix products only (what
 ``torch.utils.flop_counter.FlopCounterMode`` counts); norms, RoPE, softmax, Sinkhorn, SwiGLU,
 top-k and the compressor's pooling are elementwise and left out. ``context`` is the number of
 tokens already processed: the decoded token sits at position ``p = context`` and sees
-``context + 1`` tokens (itself included), exactly like ``model.forward_step`` after
+``context + 1`` tokens (itself included), exactly like ``model(ids, cache)`` after
 ``SequenceCache.synthetic(config, context)``.
 """
 

@@ -2,7 +2,7 @@
 
 The network is built at real widths with a few layers of each kind (``reduced_config``), a
 synthetic cache makes it look as if ``context`` tokens had been processed, and
-``torch.utils.flop_counter.FlopCounterMode`` counts the matrix products of ``forward_step``,
+``torch.utils.flop_counter.FlopCounterMode`` counts the matrix products of one decode step,
 attributed to each ``layers[i]`` call; the rest (hc_head, lm_head) is "head". ``compare``
 sets these against the analytic counts of ``dsv4.analysis.flops``, per layer kind.
 """
@@ -63,12 +63,12 @@ def measure(cfg: ModelConfig, context: int) -> tuple[list[int], int]:
         handles += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
     try:
         with torch.no_grad(), counter:
-            logits = model.forward_step(ids, cache)
+            logits = model(ids, cache)
     finally:
         for h in handles:
             h.remove()
     if tuple(logits.shape) != (1, 1, cfg.vocab_size):
-        raise RuntimeError(f"forward_step returned logits of shape {tuple(logits.shape)}")
+        raise RuntimeError(f"the decode step returned logits of shape {tuple(logits.shape)}")
     return per_layer, counter.get_total_flops() - sum(per_layer)
 
 

@@ -13,17 +13,35 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 from dsv4.cache.block_pool import NULL_BLOCK_ID, BlockPool
 from dsv4.cache.spec import CacheKind, CacheSpec, build_cache_specs, state_bytes_per_seq
+from dsv4.config import ModelConfig
 
-if TYPE_CHECKING:
-    from dsv4.config import ModelConfig
-    from dsv4.engine.engine_config import EngineConfig
+__all__ = ["BlockManager", "CacheSizing"]
 
-__all__ = ["BlockManager"]
+
+class CacheSizing(Protocol):
+    """The sizing knobs the block manager reads (``dsv4.engine.EngineConfig`` has them)."""
+
+    @property
+    def kv_cache_memory(self) -> int | None: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def max_num_seqs(self) -> int: ...
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def max_num_batched_tokens(self) -> int: ...
+    @property
+    def kv_cache_dtype(self) -> str: ...
+    @property
+    def index_cache_dtype(self) -> str | None: ...
+    @property
+    def compressor_state_dtype(self) -> str: ...
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +51,6 @@ class _RequestBlocks:
     block_ids: dict[CacheKind, list[int]]  # swa: held blocks only, first one is swa_offset
     swa_offset: int = 0  # logical index of block_ids["swa"][0] (blocks before it were released)
     state_slot: int = NULL_BLOCK_ID
-    extra: dict[str, object] = field(default_factory=dict)  # room: prefix hashes, spec state
 
 
 class BlockManager:
@@ -47,23 +64,8 @@ class BlockManager:
         swa   [swa_offset, ceil(end / B))     tokens j*B .. (j+1)*B - 1; swa_offset =
                                               max(0, num_computed_tokens - W + 1) // B
 
-    Room left for later work:
-    - Prefix caching: B is a multiple of every ratio, so each full block ends on a compression
-      boundary (HCA state is empty there). Hash full csa/hca blocks into
-      ``BlockPool.block_hashes`` and share them with ``BlockPool.incref``; at a hit of k blocks
-      the swa tail [kB - W, kB) and the CSA overlap state are missing, so either keep hashed swa
-      "checkpoint" blocks + a state snapshot, or replay: start the request at
-      num_computed_tokens = kB - R and have the runner recompute R tokens, rewriting swa
-      entries and compressor state but not the (shared, read-only) compressed entries; exact
-      when R >= num_layers * (W - 1) (each layer widens the window's receptive field).
-    - Speculative decoding: ``num_lookahead_tokens`` gives draft tokens slots beyond ``end``;
-      the scheduler counts only accepted tokens as computed, so rejected entries are simply
-      overwritten later. Compressor state is *not* in blocks: the runner must fold a draft token
-      into its slot's state only after acceptance (or snapshot / restore the slot).
-    - TP / EP: block ids and slot ids are rank-agnostic. Every rank builds the same pools from
-      the same (per-rank, min over ranks) ``kv_cache_memory`` and reads the tables from the
-      broadcast ScheduledBatch; with one shared K=V head the cache is replicated under TP.
-      DP attention runs one BlockManager per DP rank.
+    Prefix caching, speculative rollback and TP/EP build on this layout; docs/architecture.md
+    ("Room for what comes next") says what each still needs.
     """
 
     def __init__(
@@ -87,9 +89,8 @@ class BlockManager:
 
     # ---- construction from a memory budget -------------------------------------------------
     @classmethod
-    def from_config(cls, model_config: ModelConfig, engine_config: EngineConfig) -> BlockManager:
+    def from_config(cls, model_config: ModelConfig, engine_config: CacheSizing) -> BlockManager:
         """Size the pools from ``engine_config.kv_cache_memory`` (see :meth:`plan`)."""
-        engine_config.check_model(model_config)
         specs = build_cache_specs(
             model_config, engine_config.kv_cache_dtype, engine_config.index_cache_dtype,
             engine_config.compressor_state_dtype,
@@ -99,7 +100,7 @@ class BlockManager:
 
     @staticmethod
     def plan(
-        specs: Mapping[CacheKind, CacheSpec], engine_config: EngineConfig
+        specs: Mapping[CacheKind, CacheSpec], engine_config: CacheSizing
     ) -> tuple[dict[CacheKind, int], int]:
         """Split the byte budget: (num_blocks per kind incl. the null block, num_state_slots).
 
@@ -138,6 +139,19 @@ class BlockManager:
         for kind in compressed:
             num_blocks[kind] = left // row_bytes
         return num_blocks, num_seqs
+
+    @staticmethod
+    def memory_needed(specs: Mapping[CacheKind, CacheSpec], engine_config: CacheSizing) -> int:
+        """Bytes :meth:`plan` needs to run ``max_num_seqs`` requests of ``max_model_len`` tokens
+        at once: more would never be used."""
+        block, window = engine_config.block_size, specs["swa"].window
+        swa_bytes = specs["swa"].block_bytes(block)
+        row_bytes = sum(s.block_bytes(block) for k, s in specs.items() if k != "swa")
+        seqs = engine_config.max_num_seqs
+        swa_blocks = (1 + math.ceil(engine_config.max_num_batched_tokens / block) + 1
+                      + seqs * (math.ceil((window - 1) / block) + 1))
+        rows = 1 + seqs * math.ceil(engine_config.max_model_len / block)
+        return swa_blocks * swa_bytes + rows * row_bytes + (seqs + 1) * state_bytes_per_seq(specs)
 
     def memory_bytes(self) -> int:
         """Bytes the runner must allocate for these pools and state slots (null ones included)."""
@@ -212,11 +226,10 @@ class BlockManager:
 
     def can_allocate(
         self, request_id: str, num_computed_tokens: int, num_new_tokens: int,
-        num_lookahead_tokens: int = 0,
     ) -> bool:
         """Whether :meth:`allocate` with the same arguments would succeed."""
         req = self._reqs.get(request_id)
-        end = num_computed_tokens + num_new_tokens + num_lookahead_tokens
+        end = num_computed_tokens + num_new_tokens
         needed = self._num_needed(req, num_computed_tokens, end)
         for kind, num in needed.items():
             free = self.pools[kind].num_free_blocks
@@ -229,20 +242,18 @@ class BlockManager:
 
     def allocate(
         self, request_id: str, num_computed_tokens: int, num_new_tokens: int,
-        num_lookahead_tokens: int = 0,
     ) -> bool:
         """Give the request slots for tokens [num_computed_tokens, num_computed_tokens +
-        num_new_tokens + num_lookahead_tokens) in every kind, plus a state slot. All or nothing:
+        num_new_tokens) in every kind, plus a state slot. All or nothing:
         returns False and changes nothing (but releasing dead swa blocks) when short."""
-        if num_new_tokens < 0 or num_lookahead_tokens < 0:
+        if num_new_tokens < 0:
             raise ValueError("token counts must be >= 0")
         req = self._reqs.get(request_id)
         if req is not None:
             self.release_swa_blocks(request_id, num_computed_tokens)
-        if not self.can_allocate(request_id, num_computed_tokens, num_new_tokens,
-                                 num_lookahead_tokens):
+        if not self.can_allocate(request_id, num_computed_tokens, num_new_tokens):
             return False
-        end = num_computed_tokens + num_new_tokens + num_lookahead_tokens
+        end = num_computed_tokens + num_new_tokens
         needed = self._num_needed(req, num_computed_tokens, end)
         if req is None:
             first = self._first_live_swa_block(num_computed_tokens)

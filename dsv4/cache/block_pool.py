@@ -26,10 +26,8 @@ class BlockPool:
         self.name = name
         self.num_blocks = num_blocks  # including the null block
         self.ref_counts: list[int] = [0] * num_blocks
-        # reserved for prefix caching: hash of the full block's token chain, or None
-        self.block_hashes: list[int | None] = [None] * num_blocks
-        # FIFO: freed blocks go to the back, so recently freed (possibly hashed) blocks are
-        # reused last once prefix caching looks them up.
+        # FIFO: freed blocks go to the back, so the most recently freed are reused last (what
+        # a prefix cache will want when it looks freed blocks up by hash)
         self._free: deque[int] = deque(range(1, num_blocks))
 
     # ---- queries ---------------------------------------------------------------------------
@@ -63,7 +61,6 @@ class BlockPool:
         block_ids = [self._free.popleft() for _ in range(num_blocks)]
         for block_id in block_ids:
             self.ref_counts[block_id] = 1
-            self.block_hashes[block_id] = None
         return block_ids
 
     def incref(self, block_ids: Iterable[int]) -> None:

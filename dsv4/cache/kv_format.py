@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from dsv4.model.quant import (
+from dsv4.quant import (
     FP8_MAX,
     dequant_fp4,
     float_to_ue8m0,

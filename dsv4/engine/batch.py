@@ -9,7 +9,6 @@ valid until ``Scheduler.update_from_output``. It carries no tensors and builds n
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from dsv4.sampling_params import SamplingParams
@@ -92,8 +91,3 @@ class ScheduledBatch:
             if sample:
                 out.append(end - 1)
         return out
-
-    def for_followers(self) -> ScheduledBatch:
-        """A copy without the sampling fields, to broadcast to ranks that do not sample."""
-        return dataclasses.replace(self, sampling_params=[], num_output_tokens=[],
-                                   prompt_token_ids=[], output_token_ids=[], eos_token_ids=[])

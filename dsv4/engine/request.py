@@ -11,7 +11,6 @@ vLLM-shaped ``dsv4.RequestOutput`` objects).
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,13 +54,11 @@ class Request:
         prompt_token_ids: Sequence[int],
         sampling_params: SamplingParams,
         eos_token_id: int | None = None,
-        arrival_time: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_id = eos_token_id
-        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.output_token_ids: list[int] = []
         # prompt + output in one list, so scheduling a slice never concatenates
         self.all_token_ids: list[int] = list(self.prompt_token_ids)

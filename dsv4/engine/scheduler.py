@@ -20,6 +20,7 @@ from dsv4.cache.block_manager import BlockManager
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.request import Request, RequestStatus, StepOutput
+from dsv4.errors import InvalidRequestError
 
 __all__ = ["Scheduler"]
 
@@ -39,6 +40,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every unfinished request
         self._finished_req_ids: list[str] = []  # since the last schedule()
         self._preempted_req_ids: list[str] = []
+        self.num_preemptions = 0  # since start
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -58,16 +60,19 @@ class Scheduler:
 
     # ---- intake ----------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        """Queue a validated request (see ``dsv4.sampling_params.validate_prompt``)."""
+        """Queue a validated request (see ``dsv4.sampling_params.validate_prompt``); raises
+        InvalidRequestError for one that could never fit the KV cache."""
         if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use",
+                                      param="request_id")
         max_tokens = request.sampling_params.max_tokens
         max_len = self.config.max_model_len
         if max_tokens is not None:
             max_len = min(max_len, request.num_tokens + max_tokens)
         if not self.block_manager.can_fit(max_len, self.config.max_num_batched_tokens):
-            raise ValueError(f"request {request.request_id!r} of up to {max_len} tokens can "
-                             f"never fit the KV cache")
+            raise InvalidRequestError(
+                f"request {request.request_id!r} of up to {max_len} tokens can never fit the "
+                f"KV cache; lower max_tokens or give the cache more memory", param="max_tokens")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -217,6 +222,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0  # recompute prompt + output so far
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)  # preempted requests come back first
         self._preempted_req_ids.append(req.request_id)
         logger.debug("preempted %s", req)

@@ -22,7 +22,7 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
 from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize, upcast
 from dsv4.model.linear import Linear
-from dsv4.model.quant import fake_quant_kv
+from dsv4.quant import fake_quant_kv
 from dsv4.model.sequence_cache import LayerState
 
 __all__ = ["Attention", "Segment", "DecodeRows", "Gathered", "Shared", "sparse_attention",

@@ -17,7 +17,7 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, upcast
 from dsv4.model.linear import Linear
-from dsv4.model.quant import fake_quant_fp4, fake_quant_kv, hadamard
+from dsv4.quant import fake_quant_fp4, fake_quant_kv, hadamard
 from dsv4.model.sequence_cache import CompressorState
 
 __all__ = ["Compressor"]

@@ -147,10 +147,6 @@ class DeepseekV4ForCausalLM(nn.Module):
         cache = cache if cache is not None else self.new_cache()
         return self.logits(self.hidden_streams(input_ids, cache))
 
-    def forward_step(self, input_ids: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
-        """Decode one token per sequence at position cache.num_tokens."""
-        return self.forward(input_ids, cache)
-
     @torch.inference_mode()
     def mtp_logits(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int,
                    cache: SequenceCache, depth: int = 0) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dsv4.config import ModelConfig
 from dsv4.model.compressor import Compressor
 from dsv4.model.layers import RotaryEmbedding, apply_rope, upcast
 from dsv4.model.linear import Linear
-from dsv4.model.quant import fake_quant_fp4, hadamard
+from dsv4.quant import fake_quant_fp4, hadamard
 
 __all__ = ["Indexer", "select_topk"]
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.model.quant import dequant_fp4, dequant_fp8
+from dsv4.quant import dequant_fp4, dequant_fp8
 
 __all__ = ["Linear", "FORMAT_DTYPES"]
 

@@ -21,7 +21,7 @@ from dsv4.config import ModelConfig
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.model.linear import Linear
 from dsv4.model.names import released_in_fp32
-from dsv4.model.quant import quant_fp8_blocks
+from dsv4.quant import quant_fp8_blocks
 
 __all__ = ["iter_random_tensors", "random_state_dict", "write_checkpoint", "copy_tokenizer"]
 

@@ -6,14 +6,17 @@ GET /metrics (Prometheus), POST /tokenize, POST /detokenize. With an API key, ev
 bodies are parsed here (malformed JSON is a 400, never a crash). A streaming request is admitted
 (engine validation included) before its 200 is sent; a client that goes away mid-request is
 cancelled, which aborts its engine requests and frees their cache. One failing request is
-answered with a 500 and never affects the others.
+answered with a 500 and never affects the others. Parsing, rendering and tokenizing a request
+run in a worker thread, so a long prompt never stalls other streams or /health. At shutdown,
+open streams end with an error event and ``[DONE]``, and waiting non-streaming requests get a 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -21,9 +24,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.async_llm import AsyncLLM, EngineDeadError
+from dsv4.errors import InvalidRequestError
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
 from dsv4.server.completions import CompletionRun, prepare_completion
-from dsv4.server.generation import RequestRejected
 from dsv4.server.metrics import CONTENT_TYPE_LATEST
 from dsv4.server.protocol import (
     APIError,
@@ -44,20 +47,21 @@ logger = logging.getLogger(__name__)
 
 def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[str], *,
               api_key: str | None = None, effort_profile: str = "preview",
-              max_model_len: int | None = None, model_root: str | None = None) -> FastAPI:
+              model_root: str | None = None) -> FastAPI:
     """The OpenAI-compatible app. ``model_name``: the served name(s); requests may name any of
     them (or none). ``effort_profile``: "preview" or "0731" (see dsv4.encoding_effort)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
-    engine = async_llm.engine
-    state = ServerState(async_llm, tokenizer, names,
-                        max_model_len or engine.config.max_model_len,
-                        engine.model_config.vocab_size, effort_profile, api_key, model_root)
+    state = ServerState(async_llm, tokenizer, names, effort_profile, api_key, model_root)
     app = FastAPI(title="dsv4", docs_url=None, redoc_url=None)
     app.state.dsv4 = state
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
+        return JSONResponse(APIError.invalid(exc).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -83,7 +87,7 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(await state.metrics.render(async_llm.run),
+        return Response(await state.metrics.render(async_llm.get_stats),
                         media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=protected)
@@ -95,44 +99,50 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
 
     @app.post("/v1/chat/completions", dependencies=protected)
     async def chat_completions(request: Request) -> Response:
-        async def start() -> ChatRun:
-            req, raw = parse_request(await request.body(), ChatCompletionRequest)
+        def start(body: bytes) -> ChatRun:
+            req, raw = parse_request(body, ChatCompletionRequest)
             return prepare_chat(state, req, raw)  # type: ignore[arg-type]
 
         return await _serve(state, request, "chat", start)
 
     @app.post("/v1/completions", dependencies=protected)
     async def completions(request: Request) -> Response:
-        async def start() -> CompletionRun:
-            req, _ = parse_request(await request.body(), CompletionRequest)
+        def start(body: bytes) -> CompletionRun:
+            req, _ = parse_request(body, CompletionRequest)
             return prepare_completion(state, req)  # type: ignore[arg-type]
 
         return await _serve(state, request, "completions", start)
 
     @app.post("/tokenize", dependencies=protected)
     async def tokenize(request: Request) -> dict[str, Any]:
-        req, raw = parse_request(await request.body(), TokenizeRequest)
-        state.check_model(req.model)  # type: ignore[attr-defined]
-        if (req.prompt is None) == (req.messages is None):  # type: ignore[attr-defined]
-            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        text = req.prompt  # type: ignore[attr-defined]
-        if text is None:
-            text = render_chat_prompt(state, raw)
-        ids = tokenizer.encode(text)
-        out: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len,
-                               "tokens": ids}
-        if req.messages is not None:  # type: ignore[attr-defined]
-            out["prompt"] = text
-        if req.return_token_strs:  # type: ignore[attr-defined]
-            out["token_strs"] = [state.token_text(t) for t in ids]
-        return out
+        def work(body: bytes) -> dict[str, Any]:
+            req, raw = parse_request(body, TokenizeRequest)
+            state.check_model(req.model)  # type: ignore[attr-defined]
+            if (req.prompt is None) == (req.messages is None):  # type: ignore[attr-defined]
+                raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+            text = req.prompt  # type: ignore[attr-defined]
+            if text is None:
+                text = render_chat_prompt(state, raw)
+            ids = state.processor.tokenize(text, "prompt" if req.prompt else "messages")
+            out: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len,
+                                   "tokens": ids}
+            if req.messages is not None:  # type: ignore[attr-defined]
+                out["prompt"] = text
+            if req.return_token_strs:  # type: ignore[attr-defined]
+                out["token_strs"] = [state.token_text(t) for t in ids]
+            return out
+
+        return await asyncio.to_thread(work, await request.body())
 
     @app.post("/detokenize", dependencies=protected)
     async def detokenize(request: Request) -> dict[str, Any]:
-        req, _ = parse_request(await request.body(), DetokenizeRequest)
-        state.check_model(req.model)  # type: ignore[attr-defined]
-        state.check_token_ids(req.tokens, "tokens")  # type: ignore[attr-defined]
-        return {"prompt": tokenizer.decode(req.tokens)}  # type: ignore[attr-defined]
+        def work(body: bytes) -> dict[str, Any]:
+            req, _ = parse_request(body, DetokenizeRequest)
+            state.check_model(req.model)  # type: ignore[attr-defined]
+            state.check_token_ids(req.tokens, "tokens")  # type: ignore[attr-defined]
+            return {"prompt": tokenizer.decode(req.tokens)}  # type: ignore[attr-defined]
+
+        return await asyncio.to_thread(work, await request.body())
 
     return app
 
@@ -141,11 +151,12 @@ Run = ChatRun | CompletionRun
 
 
 async def _serve(state: ServerState, request: Request, endpoint: str,
-                 start: Callable[[], Awaitable[Run]]) -> Response:
-    """Admit, run and answer one generation request, recording its outcome."""
+                 start: Callable[[bytes], Run]) -> Response:
+    """Admit, run and answer one generation request, recording its outcome. ``start`` parses,
+    renders and tokenizes the body; it runs in a worker thread."""
     metrics = state.metrics
     try:
-        run = await start()
+        run = await asyncio.to_thread(start, await request.body())
         stream = run.gen.stream()
         if run.req.stream:
             first = await until_disconnect(request, _first(stream))
@@ -156,15 +167,16 @@ async def _serve(state: ServerState, request: Request, endpoint: str,
     except APIError as exc:
         metrics.outcome(endpoint, "rejected" if exc.status < 500 else "error")
         return JSONResponse(exc.body(), status_code=exc.status)
-    except RequestRejected as exc:
+    except InvalidRequestError as exc:
         metrics.outcome(endpoint, "rejected")
-        return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
+        return JSONResponse(APIError.invalid(exc).body(), status_code=400)
     except ClientGone:
         metrics.outcome(endpoint, "aborted")
         return Response(status_code=499)
     except EngineDeadError as exc:
         metrics.outcome(endpoint, "error")
-        return JSONResponse(error_body(str(exc), "server_error"), status_code=503)
+        return JSONResponse(error_body(str(exc), "server_error", code="engine_unavailable"),
+                            status_code=503)
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the server down
         logger.exception("%s request failed", endpoint)
         metrics.outcome(endpoint, "error")
@@ -201,6 +213,11 @@ async def _sse(state: ServerState, endpoint: str, run: Run, stream: AsyncIterato
         yield SSE_DONE
         outcome = "success"
         run.gen.stats.done()  # type: ignore[union-attr]
+    except EngineDeadError as exc:  # shutdown: end the stream cleanly, no traceback
+        logger.info("%s stream ended: %s", endpoint, exc)
+        outcome = "error"
+        yield sse(error_body(str(exc), "server_error", code="engine_unavailable"))
+        yield SSE_DONE
     except Exception as exc:  # noqa: BLE001 - reported in-stream; the server carries on
         logger.exception("%s stream failed", endpoint)
         outcome = "error"

@@ -16,11 +16,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dsv4.encoding import encode_messages
-from dsv4.encoding_request import encoder_args_from_request
 from dsv4.encoding_tokens import THINK_CLOSE
-from dsv4.engine.llm_engine import TokenLogprobs
-from dsv4.server.generation import Delta, Generation
+from dsv4.engine.outputs import TokenLogprobs
+from dsv4.output_processor import Delta
+from dsv4.server.generation import Generation
 from dsv4.server.grammar import ToolCallPlan, resolve_tool_choice, tool_schemas
 from dsv4.server.metrics import RequestStats
 from dsv4.server.parsers import (
@@ -55,7 +54,6 @@ from dsv4.server.state import ServerState
 __all__ = ["ChatRun", "prepare_chat", "render_chat_prompt"]
 
 _ROLES = ("system", "developer", "user", "assistant", "tool", "latest_reminder")
-_ENCODER_PARAMS = ("reasoning_effort", "chat_template_kwargs", "thinking", "task", "reasoning")
 
 
 def render_chat_prompt(state: ServerState, raw: dict[str, Any]) -> str:
@@ -69,28 +67,24 @@ def render_chat_prompt(state: ServerState, raw: dict[str, Any]) -> str:
         if content is not None and not isinstance(content, (str, list)):
             raise APIError(400, f"messages[{i}].content must be a string or a list of parts",
                            param=f"messages[{i}].content")
-    try:
-        args = encoder_args_from_request(raw, effort_profile=state.effort_profile)
-        return encode_messages(**args)
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        text = str(exc)
-        param = next((p for p in _ENCODER_PARAMS if p in text), "messages")
-        raise APIError(400, f"{param}: {text}", param=param) from exc
+    return state.processor.render_chat(raw)
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest,
                  raw: dict[str, Any]) -> ChatRun:
-    """Validate and render a chat request; raises APIError (4xx) before any work starts."""
+    """Validate, render and tokenize a chat request; raises APIError / InvalidRequestError
+    (4xx) before any work starts. Synchronous and possibly slow (a long prompt): the app runs
+    it in a worker thread."""
     reject_unsupported(req)
     model = state.check_model(req.model)
     tools = tool_schemas(req.tools)
     tools_enabled, forced_name, force = resolve_tool_choice(req.tool_choice, list(tools))
     prompt = render_chat_prompt(state, raw)
-    prompt_ids = state.tokenizer.encode(prompt)
+    prompt_ids = state.processor.tokenize(prompt, "messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = state.sampling_params(req, num_prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
+    params = state.sampling_params(req, [prompt_ids], max_tokens=max_tokens,
                                    logprobs=num_logprobs, skip_special_tokens=req.ignore_eos,
                                    prompt_field="messages")
     thinking = prompt_ends_in_reasoning(prompt)

@@ -16,8 +16,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dsv4.engine.llm_engine import TokenLogprobs
-from dsv4.server.generation import Delta, Generation
+from dsv4.engine.outputs import TokenLogprobs
+from dsv4.output_processor import Delta
+from dsv4.server.generation import Generation
 from dsv4.server.metrics import RequestStats
 from dsv4.server.protocol import (
     APIError,
@@ -45,7 +46,7 @@ def _prompts(state: ServerState, prompt: Any) -> tuple[list[list[int]], list[str
     texts: list[str] = []
     for i, p in enumerate(prompt):
         if isinstance(p, str):
-            ids_list.append(state.tokenizer.encode(p))
+            ids_list.append(state.processor.tokenize(p, "prompt"))
             texts.append(p)
         elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                          for t in p):
@@ -61,11 +62,13 @@ def _prompts(state: ServerState, prompt: Any) -> tuple[list[list[int]], list[str
 
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> CompletionRun:
+    """Validate and tokenize a completions request (synchronous: the app runs it in a worker
+    thread); raises APIError / InvalidRequestError (4xx) before any work starts."""
     reject_unsupported(req)
     model = state.check_model(req.model)
     ids_list, texts = _prompts(state, req.prompt)
-    params = state.sampling_params(req, num_prompt_tokens=max(len(ids) for ids in ids_list),
-                                   max_tokens=req.max_tokens, logprobs=req.logprobs,
+    params = state.sampling_params(req, ids_list, max_tokens=req.max_tokens,
+                                   logprobs=req.logprobs,
                                    skip_special_tokens=req.skip_special_tokens,
                                    prompt_field="prompt")
     if req.echo and req.logprobs is not None:  # the prompt's logprobs lead the choice's

@@ -1,13 +1,14 @@
 """Generation: run the choices of one API request on AsyncLLM and merge their text deltas.
 
-Choices are prompts x n (choice c: prompt c // n, seed + c % n), each its own engine request,
-detokenized incrementally with stop strings applied here (a matched stop string ends it through
-``AsyncLLM.finish``). A choice may
-follow a ``Plan`` (``dsv4.server.grammar``): phases of forced tokens and generation, where each
-phase is a new engine request whose prompt is the original prompt plus the output so far.
-Forced tokens are part of the output (counted, detokenized, logprob 0 = probability 1 under the
-constraint). Closing the stream (client gone) cancels every choice, which aborts its engine
-request and frees its cache.
+Choices are prompts x n (``dsv4.input_processor.fan_out``: choice c is prompt c // n with
+seed + c % n), each its own engine request, turned into text by the shared output processing
+(``dsv4.output_processor.CompletionState``: incremental detokenization, stop strings, logprobs;
+a matched stop string ends the engine request through ``AsyncLLM.finish``). A choice may follow
+a ``Plan`` (``dsv4.server.grammar``): phases of forced tokens and generation, where each phase is
+a new engine request whose prompt is the original prompt plus the output so far. Forced tokens
+are part of the output (counted, detokenized, logprob 0 = probability 1 under the constraint).
+Closing the stream (client gone) cancels every choice, which aborts its engine request and
+frees its cache.
 """
 
 from __future__ import annotations
@@ -20,17 +21,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from dsv4.async_llm import AsyncLLM
-from dsv4.detokenizer import IncrementalDetokenizer
-from dsv4.engine.llm_engine import TokenLogprobs
+from dsv4.engine.outputs import TokenLogprobs
+from dsv4.input_processor import fan_out
+from dsv4.output_processor import Delta, RequestState
 from dsv4.sampling_params import SamplingParams
 from dsv4.server.metrics import RequestStats
 from dsv4.tokenizer import Tokenizer
 
-__all__ = ["Delta", "Generation", "Phase", "Plan", "RequestRejected"]
-
-
-class RequestRejected(Exception):
-    """The engine refused the request (e.g. it can never fit the KV cache): a 400."""
+__all__ = ["Delta", "Generation", "Phase", "Plan"]
 
 
 @dataclass
@@ -54,36 +52,26 @@ class Plan(Protocol):
              stop_reason: int | str | None) -> Phase | None: ...
 
 
-@dataclass
-class Delta:
-    index: int  # choice index
-    token_ids: list[int]  # new output tokens (generated or forced)
-    text: str  # new text, safe to emit (stop strings cut, partial UTF-8 held back)
-    logprobs: list[TokenLogprobs] | None = None  # one per token in token_ids, when asked
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None
-    # with the first tokens, when params ask: None, then one per prompt token after the first
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
-
-
 class Generation:
     """All choices of one request; iterate ``stream()`` once."""
 
     def __init__(self, llm: AsyncLLM, tokenizer: Tokenizer, prompts: list[list[int]],
                  params: SamplingParams, request_id: str, stats: RequestStats | None = None,
                  plan_factory: Callable[[], Plan] | None = None) -> None:
+        assert params.max_tokens is not None, "the server always sets max_tokens"
         self.llm, self.tokenizer = llm, tokenizer
         self.prompts, self.params, self.request_id = prompts, params, request_id
         self.stats, self.plan_factory = stats, plan_factory
-        self.num_choices = len(prompts) * params.n  # choice c: prompt c // n, sample c % n
+        self.choices = fan_out(request_id, params, len(prompts))
+        self.state = RequestState(request_id, tokenizer, self.choices, prompts)
+        self.num_choices = len(self.choices)
 
     async def stream(self) -> AsyncIterator[Delta]:
-        """Deltas of all choices as they come; raises what a choice raised (RequestRejected:
-        the engine refused the request before any output)."""
+        """Deltas of all choices as they come; raises what a choice raised
+        (InvalidRequestError: the engine refused the request before any output)."""
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._guard(i, queue)) for i in range(self.num_choices)]
-        open_choices = self.num_choices
+        open_choices = self.num_choices  # counted on delivery: a choice's state finishes first
         try:
             while open_choices:
                 item = await queue.get()
@@ -111,23 +99,23 @@ class Generation:
 
 
 class _Choice:
-    """One choice: its phases, output so far, detokenizer and budget."""
+    """One choice: its phases and budget over its CompletionState."""
 
     def __init__(self, gen: Generation, index: int, put: Callable[[Delta], None]) -> None:
         self.gen, self.index, self.put = gen, index, put
-        base, sample = gen.params, index % gen.params.n
-        self.prompt_ids = gen.prompts[index // gen.params.n]
-        seed = None if base.seed is None else base.seed + sample
-        self.params = dataclasses.replace(base, n=1, seed=seed)
-        assert self.params.max_tokens is not None, "the server always sets max_tokens"
-        self.budget: int = self.params.max_tokens
-        self.detok = IncrementalDetokenizer(gen.tokenizer, self.params)
-        self.out: list[int] = []
+        choice = gen.choices[index]
+        self.prompt_ids = gen.prompts[choice.prompt_index]
+        self.params = choice.params
+        self.budget: int = self.params.max_tokens or 0
+        self.completion = gen.state.completions[index]
+
+    @property
+    def out(self) -> list[int]:
+        return self.completion.token_ids
 
     def emit(self, ids: list[int], lps: list[TokenLogprobs] | None,
              prompt_lps: list[TokenLogprobs | None] | None = None) -> None:
-        self.out.extend(ids)
-        self.put(Delta(self.index, ids, self.detok.add(ids), lps, prompt_logprobs=prompt_lps))
+        self.put(self.completion.add(ids, lps, prompt_lps))
 
     async def run(self) -> None:
         gen = self.gen
@@ -142,21 +130,18 @@ class _Choice:
                 lps = ([TokenLogprobs(t, 0.0, 1, []) for t in ids]
                        if self.params.logprobs is not None else None)
                 self.emit(ids, lps)
-                if self.detok.stopped is not None or len(self.out) >= self.budget:
-                    reason = "stop" if self.detok.stopped is not None else "length"
+                if self.completion.stopped is not None or len(self.out) >= self.budget:
+                    reason = "stop" if self.completion.stopped is not None else "length"
                     break
             if not phase.generate:
                 break
-            rid = f"{gen.request_id}-{self.index}" + (f".{step}" if step else "")
+            rid = gen.choices[self.index].request_id + (f".{step}" if step else "")
             step += 1
             ids, reason, stop_reason = await self._generate(rid, phase)
-            if self.detok.stopped is not None or len(self.out) >= self.budget:
+            if self.completion.stopped is not None or len(self.out) >= self.budget:
                 break
             phase = plan.next(ids, reason, stop_reason) if plan is not None else None
-        if self.detok.stopped is not None:
-            reason, stop_reason = "stop", self.detok.stopped
-        tail = self.detok.add([], final=True)
-        self.put(Delta(self.index, [], tail, None, True, reason, stop_reason))
+        self.put(self.completion.finish(reason, stop_reason))
 
     async def _generate(self, rid: str, phase: Phase
                         ) -> tuple[list[int], str | None, int | str | None]:
@@ -175,30 +160,23 @@ class _Choice:
         ids: list[int] = []
         reason: str | None = None
         stop_reason: int | str | None = None
-        started = False
         stream = self.gen.llm.generate(self.prompt_ids + self.out, params, request_id=rid)
         async with aclosing(stream):
-            try:
-                async for o in stream:
-                    started = True
-                    new, lps = list(o.new_token_ids), o.logprobs
-                    if o.finished:
-                        reason, stop_reason = o.finish_reason, o.stop_reason
-                        if new and new[-1] in phase.drop_ids:
-                            new, lps = new[:-1], (lps[:-1] if lps else lps)
-                    ids.extend(new)
-                    if phase.hidden:
-                        if phase.hidden_until and phase.hidden_until in self.gen.tokenizer.decode(
-                                ids):
-                            return ids, "stop", None
-                        continue
-                    if new:
-                        self.emit(new, lps, o.prompt_logprobs)
-                    if self.detok.stopped is not None and not o.finished:
-                        self.gen.llm.finish(rid, 0, self.detok.stopped)
-                        return ids, "stop", self.detok.stopped
-            except ValueError as exc:
-                if started:
-                    raise
-                raise RequestRejected(str(exc)) from exc  # refused before any output
+            async for o in stream:
+                new, lps = list(o.new_token_ids), o.logprobs
+                if o.finished:
+                    reason, stop_reason = o.finish_reason, o.stop_reason
+                    if new and new[-1] in phase.drop_ids:
+                        new, lps = new[:-1], (lps[:-1] if lps else lps)
+                ids.extend(new)
+                if phase.hidden:
+                    if phase.hidden_until and phase.hidden_until in self.gen.tokenizer.decode(
+                            ids):
+                        return ids, "stop", None
+                    continue
+                if new:
+                    self.emit(new, lps, o.prompt_logprobs)
+                if self.completion.stopped is not None and not o.finished:
+                    self.gen.llm.finish(rid, self.completion.stopped)
+                    return ids, "stop", self.completion.stopped
         return ids, reason, stop_reason

@@ -2,7 +2,8 @@
 
 MODEL is a checkpoint directory, a Hugging Face repo id already in the local HF cache (resolved
 with ``huggingface_hub.snapshot_download(local_files_only=True)``; nothing is downloaded), or
-nothing for the embedded demo model. Flags follow vLLM's names. The API key comes from
+nothing for the embedded demo model. Flags follow vLLM's names; the engine's come from
+``EngineArgs``, the same as ``dsv4 generate``'s. The API key comes from
 ``--api-key`` or ``DSV4_API_KEY``. Ctrl-C / SIGTERM stop accepting requests, give running ones
 a few seconds, then stop the engine thread; exit status 0.
 """
@@ -10,87 +11,58 @@ a few seconds, then stop the engine thread; exit status 0.
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
-from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
-from dsv4.cli import DTYPE_CHOICES, DTYPE_HELP, dtype_from_flag
-from dsv4.demo import resolve_model
+from dsv4.async_llm import AsyncLLM
+from dsv4.engine_args import EngineArgs
 
-__all__ = ["main", "parse_bytes", "resolve_model"]
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'8GiB', '512MiB', '2e9', '1073741824' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 8GiB, 512MiB)")
-    try:
-        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r}") from exc
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the size must be positive")
-    return int(value)
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv4 serve",
                                 description="OpenAI-compatible server for DeepSeek-V4.")
-    p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory or HF repo id in the local HF cache "
-                        "(default: the embedded demo model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $DSV4_API_KEY)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in 'model' (default: the directory or repo name)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + output tokens per request (default: the model's context)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="running requests at most")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per engine step")
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                   help="KV-cache budget, e.g. 8GiB (default: a share of free memory)")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "fp32", "bf16", "fp8"), default="auto",
-                   help="cache entry format (auto: the compute dtype; fp8: 584-byte entries "
-                   "with FP4 indexer keys)")
     p.add_argument("--reasoning-effort-profile", choices=("auto", "preview", "0731"),
                    default="auto", help="effort table: auto reads the checkpoint's "
                    "encoding/encoding_dsv4.py, else preview")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
+    EngineArgs.add_cli_args(p, model_positional=True)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     from dsv4 import env
+    from dsv4.demo import resolve_model
 
+    try:
+        engine_args = EngineArgs.from_cli_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        path, default_name = resolve_model(args.model)
+    except FileNotFoundError as exc:
+        print(f"dsv4 serve: {exc}", file=sys.stderr)
+        return 1
+    engine_args.model = str(path)
     api_key = args.api_key or env.api_key()
-    path, default_name = resolve_model(args.model)
     names = args.served_model_name or [default_name]
-    engine_args = {k: v for k, v in (
-        ("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
-        ("max_num_batched_tokens", args.max_num_batched_tokens),
-        ("kv_cache_memory", args.kv_cache_memory),
-        ("kv_cache_dtype", None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype))
-        if v is not None}
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading: stop cleanly
     try:
-        return _serve(args, path, names, api_key, engine_args)
+        return _serve(args, engine_args, names, api_key)
     except KeyboardInterrupt:
         print("dsv4 serve: interrupted", file=sys.stderr)
         return 130
@@ -102,36 +74,32 @@ def _interrupt(sig: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _serve(args: argparse.Namespace, path: Path, names: list[str], api_key: str | None,
-           engine_args: dict) -> int:
-    from dsv4.async_llm import AsyncLLM
+def _serve(args: argparse.Namespace, engine_args: EngineArgs, names: list[str],
+           api_key: str | None) -> int:
     from dsv4.encoding_effort import detect_effort_profile
-    from dsv4.engine.llm_engine import LLMEngine
     from dsv4.server.app import build_app
     from dsv4.tokenizer import Tokenizer
 
+    path = engine_args.model_path()
     profile = args.reasoning_effort_profile
     if profile == "auto":
         profile = detect_effort_profile(path)
     print(f"dsv4 serve: loading {path} ...", file=sys.stderr, flush=True)
     try:
-        engine = LLMEngine.from_pretrained(path, device=args.device,
-                                           dtype=dtype_from_flag(args.dtype), progress=True,
-                                           **engine_args)
+        tokenizer = Tokenizer.from_pretrained(path)
+        llm = AsyncLLM.from_engine_args(engine_args, progress=True,
+                                        eos_token_id=tokenizer.eos_token_id)
     except (ValueError, FileNotFoundError) as exc:
         print(f"dsv4 serve: cannot load {path}: {exc}", file=sys.stderr)
         return 1
-    tokenizer = Tokenizer.from_pretrained(path)
-    engine.eos_token_id = tokenizer.eos_token_id
-    llm = AsyncLLM(engine)
     try:
         app = build_app(llm, tokenizer, names, api_key=api_key, effort_profile=profile,
                         model_root=str(path))
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=5, access_log=False)
-        banner = (f"model: {', '.join(names)}  max_model_len: {engine.config.max_model_len}  "
+        banner = (f"model: {', '.join(names)}  max_model_len: {llm.max_model_len}  "
                   f"effort profile: {profile}  api key: {'required' if api_key else 'none'}")
-        _Server(config, banner).run()
+        _Server(config, banner, llm).run()
     finally:
         llm.shutdown()
     print("dsv4 serve: stopped", file=sys.stderr)
@@ -141,9 +109,9 @@ def _serve(args: argparse.Namespace, path: Path, names: list[str], api_key: str 
 class _Server(uvicorn.Server):
     """uvicorn.Server that prints the URL once the socket is bound (port 0 resolved)."""
 
-    def __init__(self, config: uvicorn.Config, banner: str) -> None:
+    def __init__(self, config: uvicorn.Config, banner: str, llm: AsyncLLM) -> None:
         super().__init__(config)
-        self.banner = banner
+        self.banner, self.llm = banner, llm
 
     async def startup(self, sockets: list | None = None) -> None:
         await super().startup(sockets)
@@ -160,3 +128,6 @@ class _Server(uvicorn.Server):
             self.force_exit = True  # a second Ctrl-C: stop waiting for running requests
         else:
             self.should_exit = True
+            # requests in flight end now: streams with an error event and [DONE], the others
+            # with a 503, so connections close before the graceful-shutdown timeout
+            self.llm.begin_shutdown()

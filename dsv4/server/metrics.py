@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +20,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from dsv4.engine.outputs import EngineStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "RequestStats", "ServerMetrics"]
 
@@ -65,20 +65,16 @@ class ServerMetrics:
     def outcome(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(self.model_name, endpoint, outcome).inc()
 
-    async def render(self, run: Callable[[Callable[[Any], Any]], Future]) -> bytes:
-        """Refresh the engine gauges (via ``run(fn)`` on the engine thread), then export."""
-        def read(engine: Any) -> tuple[int, int, float]:
-            s = engine.scheduler
-            return s.num_running, s.num_waiting, s.kv_cache_usage
-
+    async def render(self, get_stats: Callable[[], Awaitable[EngineStats]]) -> bytes:
+        """Refresh the engine gauges (``AsyncLLM.get_stats``), then export."""
         try:
-            running, waiting, usage = await asyncio.wait_for(asyncio.wrap_future(run(read)), 5.0)
+            stats = await asyncio.wait_for(get_stats(), 5.0)
         except Exception:  # noqa: BLE001 - a busy or dead engine must not break /metrics
             logger.debug("engine gauges unavailable", exc_info=True)
         else:
-            self.running.labels(self.model_name).set(running)
-            self.waiting.labels(self.model_name).set(waiting)
-            self.kv_usage.labels(self.model_name).set(usage)
+            self.running.labels(self.model_name).set(stats.num_running)
+            self.waiting.labels(self.model_name).set(stats.num_waiting)
+            self.kv_usage.labels(self.model_name).set(stats.kv_cache_usage)
         return generate_latest(self.registry)
 
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dsv4.errors import InvalidRequestError
+
 __all__ = [
     "IGNORED_FIELDS", "APIError", "ChatCompletionRequest", "CompletionRequest",
     "DetokenizeRequest", "TokenizeRequest", "error_body", "parse_request", "reject_unsupported",
@@ -33,6 +35,11 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
+
+    @classmethod
+    def invalid(cls, exc: InvalidRequestError) -> APIError:
+        """The 400 for a validation error raised below the server (its param and code)."""
+        return cls(400, str(exc), param=exc.param, code=exc.code)
 
 
 def error_body(message: str, type: str, param: str | None = None,

@@ -1,9 +1,9 @@
-"""ServerState: what every endpoint shares (engine, tokenizer, names, limits, metrics) + helpers.
+"""ServerState: what every endpoint shares (engine, input processor, names, metrics) + helpers.
 
-Holds the request-to-SamplingParams mapping (context-length checks included), token strings for
-logprobs, SSE framing, and ``until_disconnect`` (a non-streaming request whose client goes away
-is cancelled, which aborts its engine requests). Never touches the engine's internals: engine
-facts are read through ``AsyncLLM.run`` or fixed at build time.
+Holds the request-to-SamplingParams mapping (validation is the shared
+``dsv4.input_processor.InputProcessor``'s), token strings for logprobs, SSE framing, and
+``until_disconnect`` (a non-streaming request whose client goes away is cancelled, which aborts
+its engine requests). Never touches the engine's internals: it sees ``AsyncLLM`` only.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from dsv4.async_llm import AsyncLLM
+from dsv4.input_processor import InputProcessor
 from dsv4.sampling_params import SamplingParams
 from dsv4.server.metrics import ServerMetrics
 from dsv4.server.protocol import APIError
@@ -28,9 +29,6 @@ __all__ = ["SSE_DONE", "ClientGone", "ServerState", "sse", "until_disconnect"]
 
 T = TypeVar("T")
 SSE_DONE = "data: [DONE]\n\n"
-_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "seed", "max_tokens", "logprobs",
-                    "stop", "stop_token_ids", "min_tokens", "logit_bias")
 
 
 class ClientGone(Exception):
@@ -42,17 +40,26 @@ class ServerState:
     llm: AsyncLLM
     tokenizer: Tokenizer
     model_names: list[str]
-    max_model_len: int
-    vocab_size: int
     effort_profile: str = "preview"
     api_key: str | None = None
     model_root: str | None = None
     metrics: ServerMetrics = field(init=False)
+    processor: InputProcessor = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.model_names[0])
+        self.processor = InputProcessor(self.tokenizer, self.llm.max_model_len,
+                                        self.llm.vocab_size, self.effort_profile)
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.vocab_size
 
     def check_model(self, name: str | None) -> str:
         """The served name to report; 404 (OpenAI's shape) for a model not served here."""
@@ -67,49 +74,35 @@ class ServerState:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def sampling_params(self, req: Any, *, num_prompt_tokens: int, max_tokens: int | None,
+    def sampling_params(self, req: Any, prompts: list[list[int]], *, max_tokens: int | None,
                         logprobs: int | None, skip_special_tokens: bool,
                         prompt_field: str) -> SamplingParams:
-        """SamplingParams for a request; 400 naming the field (context length included)."""
-        limit = self.max_model_len
-        if num_prompt_tokens >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However,"
-                           f" your {prompt_field} resulted in {num_prompt_tokens} tokens.",
-                           param=prompt_field, code="context_length_exceeded")
+        """SamplingParams for a request's fields, checked against every prompt; raises
+        InvalidRequestError naming the field (context length included). Without max_tokens a
+        request may run to the end of the context (vLLM's chat default)."""
         if max_tokens is None:
-            max_tokens = limit - num_prompt_tokens
-        elif isinstance(max_tokens, int) and max_tokens >= 1 \
-                and num_prompt_tokens + max_tokens > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However,"
-                           f" you requested {num_prompt_tokens + max_tokens} tokens "
-                           f"({num_prompt_tokens} in the {prompt_field}, {max_tokens} in the "
-                           "completion). Please reduce the length of the messages or "
-                           "completion.", param="max_tokens", code="context_length_exceeded")
+            max_tokens = max(1, self.max_model_len - max(len(p) for p in prompts))
         bias = {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
-        if bias:
-            self.check_token_ids(list(bias), "logit_bias")
-        try:
-            return SamplingParams(
-                n=req.n,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=-1 if req.top_k is None else req.top_k,
-                min_p=0.0 if req.min_p is None else req.min_p,
-                presence_penalty=req.presence_penalty or 0.0,
-                frequency_penalty=req.frequency_penalty or 0.0,
-                repetition_penalty=1.0 if req.repetition_penalty is None
-                else req.repetition_penalty,
-                seed=req.seed, max_tokens=max_tokens, stop=req.stop,
-                stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
-                min_tokens=req.min_tokens,
-                logit_bias=bias,
-                include_stop_str_in_output=req.include_stop_str_in_output,
-                skip_special_tokens=skip_special_tokens,
-            )
-        except ValueError as exc:
-            word = str(exc).split(" ", 1)[0].rstrip(":")
-            raise APIError(400, str(exc), param=word if word in _SAMPLING_FIELDS else None) \
-                from exc
+        params = SamplingParams(
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=-1 if req.top_k is None else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None
+            else req.repetition_penalty,
+            seed=req.seed, max_tokens=max_tokens, stop=req.stop,
+            stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+            min_tokens=req.min_tokens,
+            logit_bias=bias,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=skip_special_tokens,
+        )
+        for ids in prompts:
+            self.processor.validate(ids, params, prompt_field)
+        return params
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         for i, t in enumerate(ids):

@@ -9,7 +9,7 @@ from dsv4.analysis.measure import compare, model_api_available
 from dsv4.config import PRESETS
 
 pytestmark = pytest.mark.skipif(not model_api_available(),
-                                reason="dsv4.model forward_step / SequenceCache.synthetic missing")
+                                reason="dsv4.model / SequenceCache.synthetic missing")
 
 
 @pytest.mark.parametrize("preset", ["v4-flash", "v4-pro"])

@@ -100,12 +100,6 @@ def test_state_slots_are_a_fixed_pool():
     assert bm.allocate("c", 0, 1)
 
 
-def test_lookahead_slots_for_draft_tokens():
-    bm = make_manager()
-    assert bm.allocate("a", 0, 15, num_lookahead_tokens=3)  # slots up to token 17
-    assert len(bm.block_tables("a")["csa"]) == 2
-
-
 def test_free_everything_and_idempotent():
     bm = make_manager()
     for i, n in enumerate([3, 17, 40]):

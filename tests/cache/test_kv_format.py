@@ -6,7 +6,7 @@ import torch
 
 from dsv4.cache.kv_format import entry_format
 from dsv4.cache.spec import entry_bytes, index_entry_bytes
-from dsv4.model.quant import fake_quant_fp4, fake_quant_fp8, hadamard
+from dsv4.quant import fake_quant_fp4, fake_quant_fp8, hadamard
 
 
 def test_sizes_match_the_spec():

@@ -8,15 +8,15 @@ import pytest
 from conftest import tiny_config
 
 from dsv4.async_llm import AsyncLLM
-from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine_args import EngineArgs
 from dsv4.sampling_params import SamplingParams
 
 
 @pytest.fixture
 def async_llm(tiny_checkpoint):
-    engine = LLMEngine.from_pretrained(tiny_checkpoint(tiny_config()), device="cpu",
-                                       progress=False, kv_cache_memory=32 << 20,
-                                       max_model_len=256, block_size=16)
+    engine = EngineArgs(model=tiny_checkpoint(tiny_config()), device="cpu",
+                        kv_cache_memory=32 << 20, max_model_len=256,
+                        block_size=16).create_engine()
     llm = AsyncLLM(engine)
     yield llm
     llm.shutdown()

@@ -270,7 +270,7 @@ def test_bad_requests_rejected_without_disturbing_others(tiny_checkpoint):
     tokens = [t for o in eng.step() for t in o.new_token_ids]
     with pytest.raises(ValueError, match="prompt is empty"):
         eng.add_request("x1", [], SamplingParams())
-    with pytest.raises(ValueError, match="exceeds max_model_len"):
+    with pytest.raises(ValueError, match="maximum context length"):
         eng.add_request("x2", ok, SamplingParams(max_tokens=1000))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         eng.add_request("x3", [1, 2, 512], SamplingParams())

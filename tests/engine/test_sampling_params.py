@@ -6,6 +6,7 @@ import pytest
 
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.request import Request, RequestStatus
+from dsv4.errors import InvalidRequestError
 from dsv4.sampling_params import SamplingParams, validate_prompt
 
 
@@ -31,33 +32,31 @@ def test_defaults_and_normalisation():
     ("logit_bias", {5: float("inf")}), ("prompt_logprobs", -1),
 ])
 def test_bad_values_name_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(InvalidRequestError, match=field) as info:
         SamplingParams(**{field: value})
+    assert info.value.param == field
 
 
-def test_validate_prompt():
-    ec = EngineConfig(max_model_len=100)
-    ok = SamplingParams(max_tokens=50)
-    validate_prompt([1, 2, 3], ok, ec, vocab_size=10)
-    validate_prompt([1] * 99, SamplingParams(max_tokens=None), ec, vocab_size=10)
-    with pytest.raises(ValueError, match="empty"):
-        validate_prompt([], ok, ec, vocab_size=10)
-    with pytest.raises(ValueError, match="vocabulary"):
-        validate_prompt([1, 10], ok, ec, vocab_size=10)
-    with pytest.raises(ValueError, match="vocabulary"):
-        validate_prompt([-1], ok, ec, vocab_size=10)
-    with pytest.raises(ValueError, match="max_tokens.*max_model_len"):
-        validate_prompt([1] * 51, ok, ec, vocab_size=10)
-    with pytest.raises(ValueError, match="max_model_len"):
-        validate_prompt([1] * 100, SamplingParams(max_tokens=None), ec, vocab_size=10)
-    with pytest.raises(ValueError, match="stop_token_ids"):
-        validate_prompt([1], SamplingParams(stop_token_ids=[10]), ec, vocab_size=10)
-    with pytest.raises(ValueError, match="logprobs"):
-        validate_prompt([1], SamplingParams(logprobs=11), ec, vocab_size=10)
-    with pytest.raises(ValueError, match="logit_bias"):
-        validate_prompt([1], SamplingParams(logit_bias={10: 1.0}), ec, vocab_size=10)
-    with pytest.raises(ValueError, match="prompt_logprobs"):
-        validate_prompt([1], SamplingParams(prompt_logprobs=11), ec, vocab_size=10)
+@pytest.mark.parametrize("ids,params,param,match", [
+    ([], SamplingParams(max_tokens=50), "prompt", "empty"),
+    ([1, 10], SamplingParams(max_tokens=50), "prompt", "vocabulary"),
+    ([-1], SamplingParams(max_tokens=50), "prompt", "vocabulary"),
+    ([1] * 51, SamplingParams(max_tokens=50), "max_tokens", "context length is 100"),
+    ([1] * 100, SamplingParams(max_tokens=None), "prompt", "context length is 100"),
+    ([1], SamplingParams(stop_token_ids=[10]), "stop_token_ids", "vocabulary"),
+    ([1], SamplingParams(logprobs=11), "logprobs", "vocabulary size"),
+    ([1], SamplingParams(logit_bias={10: 1.0}), "logit_bias", "vocabulary"),
+    ([1], SamplingParams(prompt_logprobs=11), "prompt_logprobs", "vocabulary size"),
+])
+def test_validate_prompt_names_the_parameter(ids, params, param, match):
+    with pytest.raises(InvalidRequestError, match=match) as info:
+        validate_prompt(ids, params, max_model_len=100, vocab_size=10)
+    assert info.value.param == param
+
+
+def test_validate_prompt_accepts_what_fits():
+    validate_prompt([1, 2, 3], SamplingParams(max_tokens=50), max_model_len=100, vocab_size=10)
+    validate_prompt([1] * 99, SamplingParams(max_tokens=None), max_model_len=100, vocab_size=10)
 
 
 @pytest.mark.parametrize("field, value", [

@@ -306,5 +306,3 @@ def test_batch_is_picklable():
     assert clone == batch
     assert clone.positions() == list(range(20)) + list(range(3))
     assert clone.sample_indices == [0, 1] and clone.logits_indices() == [19, 22]
-    light = batch.for_followers()
-    assert light.sampling_params == [] and light.block_tables == batch.block_tables

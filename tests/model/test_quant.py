@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dsv4.model.quant import (
+from dsv4.quant import (
     dequant_fp4,
     dequant_fp8,
     fake_quant_fp4,

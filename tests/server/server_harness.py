@@ -22,13 +22,13 @@ import uvicorn
 from dsv4.async_llm import AsyncLLM
 from dsv4.demo import DEMO_CONFIG
 from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine_args import EngineArgs
 from dsv4.model.writer import write_checkpoint
 from dsv4.server.app import build_app
 from dsv4.tokenizer import Tokenizer
 
 MODEL = "dsv4-test"
-ENGINE_ARGS = dict(device="cpu", progress=False, max_model_len=2048, kv_cache_memory=96 << 20,
-                   max_num_seqs=8)
+ENGINE_ARGS = dict(device="cpu", max_model_len=2048, kv_cache_memory=96 << 20, max_num_seqs=8)
 _CHECKPOINT: Path | None = None
 
 
@@ -79,9 +79,9 @@ class ScriptedRunner:
 class ServerHandle:
     def __init__(self, root: Path, api_key: str | None = None, **engine_args: Any) -> None:
         path = checkpoint(root)
-        engine = LLMEngine.from_pretrained(path, **{**ENGINE_ARGS, **engine_args})
         self.tokenizer = Tokenizer.from_pretrained(path)
-        engine.eos_token_id = self.tokenizer.eos_token_id
+        engine = EngineArgs(model=str(path), **{**ENGINE_ARGS, **engine_args}).create_engine(
+            eos_token_id=self.tokenizer.eos_token_id)
         self.runner = ScriptedRunner(engine, self.tokenizer)
         self.llm = AsyncLLM(engine)
         self.api_key = api_key

@@ -1,0 +1,234 @@
+"""EngineArgs: every engine option in one place, with its default, help text and validation.
+
+``dsv4 generate``, ``dsv4 serve``, ``LLM(...)`` and ``AsyncLLM`` all build their engine from an
+``EngineArgs``; the two commands get their engine flags from ``add_cli_args`` (vLLM's names and
+spellings: ``--max-model-len``, ``--kv-cache-memory 8GiB``, ``--gpu-memory-utilization`` ...), so
+no flag is declared twice. Defaults that depend on the device or the checkpoint are resolved in
+``create_engine_config`` once the model is loaded:
+
+- ``max_model_len``: the model's context (capped at 1M);
+- ``max_num_seqs``: 256 on CUDA, 32 on CPU;
+- ``max_num_batched_tokens`` (the token budget of one step, i.e. the prefill chunk): 8192 on
+  CUDA, 2048 on CPU (a short request waits for at most one chunk);
+- cache formats: the compute dtype (fp32 on CPU, bf16 on CUDA, fp64 with fp64 compressor state
+  for an fp64 model); ``fp8`` gives 584-byte entries with FP4 indexer keys;
+- ``kv_cache_memory``: from ``dsv4.engine.memory`` (never more than ``max_num_seqs`` sequences
+  of ``max_model_len`` tokens can use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from dsv4.engine.llm_engine import LLMEngine
+    from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
+    from dsv4.engine.engine_config import EngineConfig
+
+__all__ = ["DTYPES", "EngineArgs", "parse_bytes"]
+
+DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64,
+          "bfloat16": torch.bfloat16}
+_PLAIN_CACHE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16"}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'8GiB', '512MiB', '2e9', '1073741824' (or an int) -> bytes; ValueError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value: float = text
+    else:
+        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"not a byte size: {text!r} (e.g. 8GiB, 512MiB, 1073741824)")
+        try:
+            value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+        except ValueError as exc:
+            raise ValueError(f"not a byte size: {text!r}") from exc
+    if value < 1:
+        raise ValueError(f"a byte size must be positive, got {text!r}")
+    return int(value)
+
+
+def _opt(help: str, *, type: Any = None, choices: tuple[str, ...] | None = None,
+         metavar: str | None = None) -> dict[str, Any]:
+    return {"help": help, "type": type, "choices": choices, "metavar": metavar}
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = field(default=None, metadata=_opt(
+        "checkpoint directory, or a Hugging Face repo id already in the local HF cache "
+        "(default: the embedded demo model)"))
+    device: str | None = field(default=None, metadata=_opt(
+        "cpu or cuda (default: cuda if available)"))
+    dtype: str = field(default="auto", metadata=_opt(
+        "compute dtype (auto: float32 on CPU, bfloat16 on GPU, FP8/FP4 weights kept); any other "
+        "value expands every weight to it at load. float64 is the exact mode: logits do not "
+        "depend on chunking or batching, QAT rounding included", choices=tuple(DTYPES)))
+    emulate_quant: bool = field(default=True, metadata=_opt(
+        "the reference's FP8/FP4 KV and indexer rounding (--no-emulate-quant turns it off, as "
+        "transformers has it)"))
+    max_model_len: int | None = field(default=None, metadata=_opt(
+        "prompt + output tokens per request (default: the model's context, at most 1M)",
+        type=int))
+    max_num_seqs: int | None = field(default=None, metadata=_opt(
+        "requests running at once (default: 256 on CUDA, 32 on CPU)", type=int))
+    max_num_batched_tokens: int | None = field(default=None, metadata=_opt(
+        "tokens per engine step, i.e. the prefill chunk (default: 8192 on CUDA, 2048 on CPU)",
+        type=int))
+    block_size: int = field(default=256, metadata=_opt(
+        "source tokens per cache block (a multiple of every compress ratio)", type=int))
+    kv_cache_memory: int | None = field(default=None, metadata=_opt(
+        "KV-cache budget, e.g. 8GiB or 512MiB (default: what max_num_seqs x max_model_len can "
+        "use, capped by the memory utilization)", type=parse_bytes, metavar="BYTES"))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_opt(
+        "CUDA: fraction of device memory for weights, activations and KV cache", type=float))
+    cpu_memory_utilization: float = field(default=0.5, metadata=_opt(
+        "CPU: fraction of available memory (after loading) the KV cache may take", type=float))
+    kv_cache_dtype: str = field(default="auto", metadata=_opt(
+        "cache entry format (auto: the compute dtype; fp8: 584-byte entries with FP4 indexer "
+        "keys)", choices=("auto", "fp32", "bf16", "fp64", "fp8")))
+    index_cache_dtype: str = field(default="auto", metadata=_opt(
+        "indexer key format (auto: fp4 with fp8 entries, else as kv_cache_dtype)",
+        choices=("auto", "fp4", "fp8", "fp32", "bf16", "fp64")))
+    compressor_state_dtype: str = field(default="auto", metadata=_opt(
+        "compressor window state (auto: fp64 for an fp64 model, else fp32)",
+        choices=("auto", "fp32", "bf16", "fp64")))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, torch.dtype):  # LLM(dtype=torch.float64) as in vLLM
+            names = {v: k for k, v in DTYPES.items() if v is not None}
+            if self.dtype not in names:
+                raise ValueError(f"dtype must be one of {sorted(names.values())}, got "
+                                 f"{self.dtype}")
+            self.dtype = names[self.dtype]
+        if self.model is not None:
+            self.model = str(self.model)
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got "
+                                 f"{getattr(self, f.name)!r}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("gpu_memory_utilization", "cpu_memory_utilization"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+    # ---- command line ------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, *,
+                     model_positional: bool = False) -> argparse.ArgumentParser:
+        """Add one flag per field (``--max-model-len`` ...); the model is a positional
+        argument (``dsv4 serve MODEL``) or ``--model``."""
+        group = parser.add_argument_group("engine")
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if f.name == "model" and model_positional:
+                parser.add_argument("model", nargs="?", default=None, help=meta["help"])
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in (bool, "bool"):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                   help=meta["help"])
+                continue
+            kwargs = {k: meta[k] for k in ("type", "choices", "metavar") if meta.get(k)}
+            shown = "" if f.default is None else f" (default: {f.default})"
+            if meta.get("type") is parse_bytes:
+                kwargs["type"] = _cli_bytes
+            group.add_argument(flag, default=f.default, help=meta["help"] + shown
+                               if "default:" not in meta["help"] else meta["help"], **kwargs)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    # ---- building an engine ------------------------------------------------------------------
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype]
+
+    def model_path(self, announce: bool = False) -> Path:
+        """The checkpoint directory (the demo model when ``model`` is None)."""
+        from dsv4.demo import resolve_model
+
+        return resolve_model(self.model, announce=announce)[0]
+
+    def create_engine(self, *, progress: bool = False,
+                      eos_token_id: int | None = None) -> LLMEngine:
+        """Load the checkpoint and build the engine (cache sized as the module says)."""
+        from dsv4.engine.llm_engine import LLMEngine
+        from dsv4.model.loader import load_model
+
+        model = load_model(self.model_path(), device=self.device, dtype=self.torch_dtype,
+                           emulate_quant=self.emulate_quant, progress=progress)
+        return LLMEngine(model, self.create_engine_config(model), eos_token_id)
+
+    def create_engine_config(self, model: DeepseekV4ForCausalLM) -> EngineConfig:
+        """The frozen EngineConfig for this loaded model, device-aware defaults resolved."""
+        from dsv4.cache.block_manager import BlockManager
+        from dsv4.cache.spec import build_cache_specs
+        from dsv4.engine.engine_config import MAX_MODEL_LEN, EngineConfig
+        from dsv4.engine.memory import kv_cache_budget, profile_forward_peak
+
+        device = model.embed.weight.device
+        cuda = device.type == "cuda"
+        kv = self.kv_cache_dtype
+        if kv == "auto":
+            kv = _PLAIN_CACHE_NAMES.get(model.compute_dtype, "bf16")
+        index = self.index_cache_dtype
+        if index == "auto":
+            index = None if kv == "fp8" else kv  # None: fp8 entries pair with fp4 keys
+        state = self.compressor_state_dtype
+        if state == "auto":
+            state = "fp64" if model.compute_dtype == torch.float64 else "fp32"
+        config = EngineConfig(
+            max_model_len=self.max_model_len or min(model.config.max_position_embeddings,
+                                                    MAX_MODEL_LEN),
+            max_num_seqs=self.max_num_seqs or (256 if cuda else 32),
+            max_num_batched_tokens=self.max_num_batched_tokens or (8192 if cuda else 2048),
+            block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
+            kv_cache_dtype=kv, index_cache_dtype=index, compressor_state_dtype=state)
+        config.check_model(model.config)
+        if config.kv_cache_memory is not None:
+            return config
+        specs = build_cache_specs(model.config, kv, index, state)
+        needed = BlockManager.memory_needed(specs, config)
+
+        def profile() -> int:
+            ids = torch.zeros(1, config.max_num_batched_tokens, dtype=torch.long, device=device)
+
+            @torch.inference_mode()
+            def forward() -> None:
+                h = model.hidden_streams(ids, model.new_cache())
+                model.logits(h[:, -1:])
+
+            return profile_forward_peak(forward, device)
+
+        utilization = self.gpu_memory_utilization if cuda else self.cpu_memory_utilization
+        budget = kv_cache_budget(device, needed, utilization, profile)
+        return config.replace(kv_cache_memory=budget)
+
+
+def _cli_bytes(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
