@@ -10,15 +10,19 @@ Layout, per kind, one tensor over all layers of that kind (B = block_size, r = r
               window (rows [ratio:] with CSA overlap, else [0:]) and CSA's previous window
               (rows [0:ratio])
 
-`RequestView` (one request in one step) hands the attention per-layer stores with the same
-interface as SequenceCache's, so the model code is shared. Accounting (which block is whose)
-lives in BlockManager; this module only stores and gathers.
+The attention reads and writes through the store protocols of dsv4.model.cache_store, which
+these classes implement structurally (the cache never imports the model): `RequestView` (one
+request in one step) hands out per-layer `LayerStore`s for the Segment path, like SequenceCache's;
+`DecodeGroup` (the step's one-token rows) hands out `BatchedLayerStore`s for the batched decode
+path. Both are built once per step and turn block tables into slot tensors once per step (cached
+by position range), not once per layer. Accounting (which block is whose) lives in BlockManager;
+this module only stores and gathers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 import torch
 
@@ -30,6 +34,11 @@ from dsv4.config import ModelConfig
 __all__ = ["KVCache", "RequestView"]
 
 _STATE_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+# stored entry rows -> compute-dtype vectors (dsv4.model.cache_store.Decoder)
+_Decoder = Callable[[torch.Tensor], torch.Tensor]
+_Owner = TypeVar("_Owner")  # RequestView or DecodeGroup
+_Store = TypeVar("_Store")  # _CompressorStore or _BatchedCompressorStore
 
 
 def _widened(state: torch.Tensor, copy: bool = True) -> torch.Tensor:
@@ -87,7 +96,7 @@ class KVCache:
     def encode(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         return self.formats[kind].encode(x)
 
-    def decoder(self, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def decoder(self, kind: str) -> _Decoder | None:
         """How to turn stored rows of `kind` into compute-dtype vectors (None: as they are)."""
         fmt = self.formats[kind]
         if not fmt.encoded:
@@ -101,7 +110,9 @@ class KVCache:
     def window_flat(self, layer: int) -> torch.Tensor:
         return self.swa[layer].view(-1, self.swa.shape[-1])
 
-    def compressor_stores(self, layer: int, owner: Any, store: type) -> tuple[Any, Any]:
+    def compressor_stores(self, layer: int, owner: _Owner,
+                          store: Callable[[_Owner, str, int, int], _Store]
+                          ) -> tuple[_Store | None, _Store | None]:
         """(main, indexer) compressor stores of `layer` built as store(owner, key, index, ratio);
         None where the layer has none."""
         kind, k = self.config.layer_kinds[layer], self.kind_index[layer]
@@ -127,7 +138,7 @@ def _kind(key: str) -> str:
     return "csa" if key.startswith("csa") else "hca"
 
 
-def _compressed_storage(cache: KVCache, tables: Any, key: str, layer: int
+def _compressed_storage(cache: KVCache, tables: dict[str, torch.Tensor], key: str, layer: int
                         ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """(flat entry storage [blocks * per_block, D or bytes], per_block, block table) of one
     compressed kind ("csa", "csa_index" or "hca") in one layer; csa_index uses csa's blocks."""
@@ -168,14 +179,13 @@ class _CompressorStore:
         self.score[: self.ratio] = score[0]
 
     def append(self, entries: torch.Tensor) -> None:
-        first = self.view.start_pos // self.ratio
-        ids = torch.arange(first, first + entries.shape[1], device=entries.device)
-        self.flat[_slots(self.table, ids, self.per_block)] = self.view.cache.encode(self.key,
-                                                                                   entries[0])
+        slots = self.view.entry_slots(_kind(self.key), self.per_block,
+                                      self.view.start_pos // self.ratio, entries.shape[1])
+        self.flat[slots] = self.view.cache.encode(self.key, entries[0])
 
-    def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        ids = torch.arange(count, device=self.flat.device)
-        return (self.flat.unsqueeze(0), _slots(self.table, ids, self.per_block),
+    def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor, _Decoder | None]:
+        return (self.flat.unsqueeze(0),
+                self.view.entry_slots(_kind(self.key), self.per_block, 0, count),
                 self.view.cache.decoder(self.key))
 
 
@@ -187,33 +197,49 @@ class _LayerStore:
         self.window_flat = view.cache.window_flat(layer)
         self.compressor, self.indexer = view.cache.compressor_stores(layer, view, _CompressorStore)
 
-    def _window_slots(self, begin: int, end: int) -> torch.Tensor:
-        bs = self.view.cache.block_size
-        pos = torch.arange(begin, end, device=self.window_flat.device)
-        return self.view.tables["swa"][pos // bs - self.view.swa_offset] * bs + pos % bs
-
     def window_history(self, count: int) -> torch.Tensor | None:
         if count == 0:
             return None
         start = self.view.start_pos
-        raw = self.window_flat[self._window_slots(start - count, start)]
+        raw = self.window_flat[self.view.window_slots(start - count, start)]
         return self.view.cache.read("swa", raw).unsqueeze(0)
 
     def save_window(self, kv: torch.Tensor, window: torch.Tensor) -> None:
         """Write the new chunk's vectors into their blocks (`window` is not needed here)."""
         start = self.view.start_pos
-        slots = self._window_slots(start, start + kv.shape[1])
+        slots = self.view.window_slots(start, start + kv.shape[1])
         self.window_flat[slots] = self.view.cache.encode("swa", kv[0])
 
 
 class RequestView:
-    """One request of one step: its block tables as device tensors and its state slot."""
+    """One request of one step: its block tables as device tensors and its state slot. Slot
+    tensors are built on first use and kept for the step: every layer (and the indexer keys of
+    csa layers) reads the same positions through the same tables."""
 
     def __init__(self, cache: KVCache, tables: dict[str, list[int]], swa_offset: int,
                  slot: int, start_pos: int) -> None:
         self.cache, self.swa_offset, self.slot, self.start_pos = cache, swa_offset, slot, start_pos
         self.tables = {k: torch.tensor(v, dtype=torch.long, device=cache.device)
                        for k, v in tables.items()}
+        self._window: dict[tuple[int, int], torch.Tensor] = {}
+        self._entries: dict[tuple[str, int, int, int], torch.Tensor] = {}
+
+    def window_slots(self, begin: int, end: int) -> torch.Tensor:
+        """Flat swa slots of positions [begin, end)."""
+        key = (begin, end)
+        if key not in self._window:
+            bs = self.cache.block_size
+            pos = torch.arange(begin, end, device=self.cache.device)
+            self._window[key] = self.tables["swa"][pos // bs - self.swa_offset] * bs + pos % bs
+        return self._window[key]
+
+    def entry_slots(self, kind: str, per_block: int, first: int, count: int) -> torch.Tensor:
+        """Flat slots of compressed entries [first, first + count) of `kind` ("csa" / "hca")."""
+        key = (kind, per_block, first, count)
+        if key not in self._entries:
+            ids = torch.arange(first, first + count, device=self.cache.device)
+            self._entries[key] = _slots(self.tables[kind], ids, per_block)
+        return self._entries[key]
 
     def layer(self, layer: int) -> _LayerStore:
         return _LayerStore(self, layer)
@@ -241,6 +267,7 @@ class DecodeGroup:
         self.rows = torch.arange(len(positions), device=dev)
         self._window: tuple[torch.Tensor, torch.Tensor] | None = None
         self._entry_slots: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._completing: dict[int, torch.Tensor | None] = {}
 
     def window_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat swa slots [R, W] of each row's window (oldest first, the new token last) and
@@ -267,6 +294,15 @@ class DecodeGroup:
             have = torch.tensor(counts, dtype=torch.long, device=self.cache.device)
             self._entry_slots[key] = slots.masked_fill(ids >= have.unsqueeze(1), -1)
         return self._entry_slots[key]
+
+    def completing_rows(self, ratio: int) -> torch.Tensor | None:
+        """Rows [R_done] whose window of `ratio` tokens this token completes (None: no row);
+        shared by every layer (and the indexer keys) of that ratio."""
+        if ratio not in self._completing:
+            done = [r for r, p in enumerate(self.pos_list) if (p + 1) % ratio == 0]
+            self._completing[ratio] = (
+                torch.tensor(done, dtype=torch.long, device=self.cache.device) if done else None)
+        return self._completing[ratio]
 
     def layer(self, layer: int) -> _BatchedLayerStore:
         return _BatchedLayerStore(self, layer)
@@ -306,8 +342,7 @@ class _BatchedCompressorStore:
         self.score[g.slots, row] = score.to(self.score.dtype)
 
     def completing_rows(self) -> torch.Tensor | None:
-        done = [r for r, p in enumerate(self.group.pos_list) if (p + 1) % self.ratio == 0]
-        return torch.tensor(done, dtype=torch.long, device=self.kv.device) if done else None
+        return self.group.completing_rows(self.ratio)
 
     def completed_windows(self, done: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[R_done, slots, D] kv and scores of the windows completed by this token."""
@@ -332,7 +367,7 @@ class _BatchedCompressorStore:
             self.kv[s, :m] = self.kv[s, m:]
             self.score[s, :m] = self.score[s, m:]
 
-    def entry_slots(self) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def entry_slots(self) -> tuple[torch.Tensor, torch.Tensor, _Decoder | None]:
         """(storage [1, S, D or bytes], slots [R, E] with -1 for entries a row does not have
         yet, decoder of stored rows or None)."""
         return (self.flat.unsqueeze(0),

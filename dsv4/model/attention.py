@@ -12,18 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.model.cache_store import BatchedLayerStore, LayerStore
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
 from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize, upcast
 from dsv4.model.linear import Linear
 from dsv4.quant import fake_quant_kv
-from dsv4.model.sequence_cache import LayerState
 
 __all__ = ["Attention", "Segment", "DecodeRows", "Gathered", "Shared", "sparse_attention",
            "gather_rows", "segment_positions"]
@@ -35,23 +35,25 @@ _GATHER_BUDGET = 1 << 25
 @dataclass
 class Segment:
     """Tokens [begin, end) of the flattened step are one sequence at positions start_pos..;
-    `store` is that sequence's cache for the current layer (LayerState or a paged view)."""
+    `store` is that sequence's cache for the current layer (SequenceCache's LayerState, or the
+    engine's RequestView.layer(i))."""
 
     begin: int
     end: int
     start_pos: int
-    store: Any
+    store: LayerStore
 
 
 @dataclass
 class DecodeRows:
     """R sequences with exactly one new token each, attended together (the engine's decode
     rows): `index` [R] are their tokens on the flattened step axis, `positions` [R] their
-    absolute positions, `store` a batched cache store (dsv4.cache.kv_cache.DecodeGroup)."""
+    absolute positions, `store` their batched cache for the current layer (the engine's
+    DecodeGroup.layer(i))."""
 
     index: torch.Tensor
     positions: torch.Tensor
-    store: Any
+    store: BatchedLayerStore
 
 
 def segment_positions(segments: list[Segment | DecodeRows], t: int,
@@ -195,7 +197,7 @@ class Attention(nn.Module):
         return self._project_out(o)
 
     def _attend(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor, kv: torch.Tensor,
-                positions: torch.Tensor, start_pos: int, store: LayerState) -> torch.Tensor:
+                positions: torch.Tensor, start_pos: int, store: LayerStore) -> torch.Tensor:
         """One sequence (group) at positions start_pos..: update its cache, attend."""
         b, t = x.shape[:2]
         # window keys: up to window-1 tokens before this chunk, then the chunk itself
@@ -243,7 +245,8 @@ class Attention(nn.Module):
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def _attend_rows(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor,
-                     kv: torch.Tensor, positions: torch.Tensor, store: Any) -> torch.Tensor:
+                     kv: torch.Tensor, positions: torch.Tensor, store: BatchedLayerStore
+                     ) -> torch.Tensor:
         """R single-token sequences at once (x [R, dim], q [R, H, D], kv [R, D]) -> [R, H, D]."""
         win_keys, win_valid = store.window(kv)  # [R, W, D], [R, W]
         sources: list[Gathered | Shared] = [Shared(win_keys, win_valid.unsqueeze(1))]

@@ -4,21 +4,19 @@ Ratio 4 (CSA) overlaps windows: entry w pools the first halves ("A") of window w
 the second halves ("B") of window w's tokens, 8 slots, softmax per channel. Ratio 128 (HCA) pools
 its own window only. Entries are RMS-normed, get RoPE at position ratio*w, and are rounded the way
 the reference's QAT path does (FP8 nope dims for the main KV; Hadamard + FP4 for indexer keys).
-Works on any chunking: tokens of an unfinished window wait in the CompressorState.
+Works on any chunking: tokens of an unfinished window wait in the compressor's store.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.model.cache_store import BatchedCompressorStore, CompressorStore
 from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, upcast
 from dsv4.model.linear import Linear
 from dsv4.quant import fake_quant_fp4, fake_quant_kv, hadamard
-from dsv4.model.sequence_cache import CompressorState
 
 __all__ = ["Compressor"]
 
@@ -39,7 +37,7 @@ class Compressor(nn.Module):
         self.rope = rope
         self.emulate_quant = True
 
-    def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState) -> None:
+    def forward(self, x: torch.Tensor, start_pos: int, state: CompressorStore) -> None:
         """Consume x [B, T, dim] at positions start_pos.. and append finished entries to state.
 
         The unfinished window holds start_pos % ratio tokens; CSA's previous window exists from
@@ -71,10 +69,11 @@ class Compressor(nn.Module):
         pos = (first_window + torch.arange(n_win, device=x.device)) * m
         state.append(self._finish(kv, score, pos, x.dtype))
 
-    def decode_step(self, x: torch.Tensor, positions: torch.Tensor, state: Any) -> None:
+    def decode_step(self, x: torch.Tensor, positions: torch.Tensor,
+                    state: BatchedCompressorStore) -> None:
         """One new token for each of R sequences: x [R, dim] at positions [R] (any mix).
 
-        `state` is a batched store (dsv4.cache.kv_cache): write_token puts the token into its
+        `state` is a batched store (the engine's paged one): write_token puts the token into its
         sequence's unfinished window; windows that complete here are pooled from
         completed_windows() (already in the [R_done, slots, D] layout of _overlap) and appended.
         """

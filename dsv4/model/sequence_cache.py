@@ -4,15 +4,10 @@ One `LayerState` per layer: the last `sliding_window - 1` window KV vectors, and
 layers a `CompressorState` (tokens of the unfinished window, the previous complete window for
 CSA's overlap, all compressed entries so far; main, and indexer keys on CSA layers). A batch of B
 sequences shares one position counter, so this is the cache for `model(input_ids)` and
-token-by-token tests. The paged engine cache (dsv4.cache.kv_cache) implements the same small
-store interface over block tables, so the attention code is shared.
-
-Store interface used by the attention (B = batch rows of one segment):
-  window_history(h) -> [B, h, D]; save_window(kv_chunk, window = history + chunk)
-  compressor stores: pending(c) -> (kv, score) [B, c, W]; set_pending(kv, score);
-  previous() / set_previous(kv, score) [B, ratio, W]; append(entries [B, n, D]);
-  entry_slots(E) -> (storage [B, S, ...], slots [E], decode) to gather entry w from
-  storage[:, slots[w]] and turn stored rows into vectors with decode (None: stored as vectors).
+token-by-token tests. LayerState and CompressorState implement the Segment-path stores of
+dsv4.model.cache_store (`LayerStore`, `CompressorStore`); the paged engine cache
+(dsv4.cache.kv_cache) implements the same protocols over block tables, so the attention code is
+shared.
 """
 
 from __future__ import annotations
@@ -22,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv4.config import ModelConfig
+from dsv4.model.cache_store import Decoder
 
 __all__ = ["SequenceCache", "LayerState", "CompressorState"]
 
@@ -54,23 +50,23 @@ class CompressorState:
     def set_previous(self, kv: torch.Tensor, score: torch.Tensor) -> None:
         self.prev_kv, self.prev_score = kv, score
 
-    def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor, Decoder | None]:
         slots = torch.arange(count, device=self.entries.device)
         return self.entries, slots, None  # stored as computed: nothing to decode
 
-    def append(self, new: torch.Tensor) -> None:
+    def append(self, entries: torch.Tensor) -> None:
         """Append [B, n, D] entries, growing capacity geometrically (amortised O(1))."""
-        n = new.shape[1]
+        n = entries.shape[1]
         if n == 0:
             return
         need = self.num_entries + n
         if self.entries is None or self.entries.shape[1] < need:
             cap = max(need, 2 * (0 if self.entries is None else self.entries.shape[1]), 16)
-            grown = new.new_zeros(new.shape[0], cap, new.shape[2])
+            grown = entries.new_zeros(entries.shape[0], cap, entries.shape[2])
             if self.entries is not None:
                 grown[:, : self.num_entries] = self.entries[:, : self.num_entries]
             self.entries = grown
-        self.entries[:, self.num_entries:need] = new
+        self.entries[:, self.num_entries:need] = entries
         self.num_entries = need
 
 
