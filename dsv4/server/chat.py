@@ -1,12 +1,12 @@
 """POST /v1/chat/completions: request -> DeepSeek-V4 prompt -> choices -> response or SSE.
 
-Thinking is on by default (DeepSeek's API); every request spelling is mapped by
-``dsv4.encoding_request``. The output parser's start state comes from the rendered prompt, so
-reasoning, content and tool calls are split the same way in both modes; with ``tool_choice:
-"none"`` (or no tools) DSML is still stripped from content but never reported as a call.
-``required`` / a named function follow ``dsv4.server.grammar.ToolCallPlan``. Tool-call ids are
-``call_<24 hex>``; ``finish_reason`` is ``tool_calls`` when a call was reported and the output
-was not cut by the length limit.
+Thinking is on by default (DeepSeek's API; ``dsv4 serve --default-thinking off`` flips that for
+requests that do not say); every request spelling is mapped by ``dsv4.encoding_request``. The
+output parser's start state comes from the rendered prompt, so reasoning, content and tool calls
+are split the same way in both modes; with ``tool_choice: "none"`` (or no tools) DSML is still
+stripped from content but never reported as a call. ``required`` / a named function follow
+``dsv4.server.grammar.ToolCallPlan``. Tool-call ids are ``call_<24 hex>``; ``finish_reason`` is
+``tool_calls`` when a call was reported and the output was not cut by the length limit.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def render_chat_prompt(state: ServerState, raw: dict[str, Any]) -> str:
             raise APIError(400, f"messages[{i}].content must be a string or a list of parts",
                            param=f"messages[{i}].content")
     try:
-        args = encoder_args_from_request(raw, effort_profile=state.effort_profile)
+        args = encoder_args_from_request(raw, effort_profile=state.effort_profile,
+                                         default_thinking=state.default_thinking)
         return encode_messages(**args)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         text = str(exc)
