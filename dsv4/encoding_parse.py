@@ -3,7 +3,10 @@
 ``parse_message_from_completion_text`` accepts exactly the completions that DeepSeek's
 ``encoding_dsv4.py`` accepts and returns the same dict; it raises ``ValueError`` wherever the
 reference raises or asserts (missing ``</think>`` or EOS, strict DSML whitespace, duplicate
-parameters, special tokens in content). The streaming server parser is a tolerant superset.
+parameters, special tokens in content). ``require_eos=False`` also accepts a completion whose
+final EOS is absent, which is the text ``LLM.chat`` returns (EOS ends generation and, being a
+special token, is never part of the output text). The streaming server parser is a tolerant
+superset.
 """
 
 from __future__ import annotations
@@ -80,11 +83,15 @@ def _parse_block(text: str, pos: int) -> tuple[int, list[dict[str, str]]]:
     return pos, calls
 
 
-def parse_message_from_completion_text(text: str, thinking_mode: str) -> dict[str, Any]:
-    """Split one raw completion (EOS included) into the reference's assistant-message dict.
+def parse_message_from_completion_text(text: str, thinking_mode: str, *,
+                                       require_eos: bool = True) -> dict[str, Any]:
+    """Split one raw completion into the reference's assistant-message dict.
 
     Returns ``{"role", "content", "reasoning_content", "tool_calls"}`` with OpenAI-format tool
-    calls (no ids). Raises ``ValueError`` on anything the reference parser rejects.
+    calls (no ids). Raises ``ValueError`` on anything the reference parser rejects. With the
+    default ``require_eos=True`` the completion must end with EOS (after plain content), as the
+    reference demands; ``require_eos=False`` lets it end without one, for text from ``LLM.chat``
+    or the server, where EOS is stripped. An EOS that is present must still be the last thing.
     """
     reasoning, pos = "", 0
     if thinking_mode == "thinking":
@@ -98,8 +105,9 @@ def parse_message_from_completion_text(text: str, thinking_mode: str) -> dict[st
         trailing, pos, hit = _scan(text, pos, (EOS,))
         if trailing:
             raise ValueError(f"unexpected content after tool calls: {trailing!r}")
-    elif hit != EOS:
-        raise ValueError("invalid format: missing EOS token")
+    elif hit != EOS and require_eos:
+        raise ValueError("invalid format: missing EOS token (LLM.chat output text never holds "
+                         "EOS; parse it with require_eos=False)")
     if pos != len(text):
         raise ValueError(f"unexpected content at end: {text[pos:]!r}")
     for token in (BOS, EOS, THINK_OPEN, THINK_CLOSE, DSML):

@@ -2,7 +2,9 @@
 
 Thinking follows the DeepSeek API: on unless disabled. Precedence: top-level
 ``thinking: {"type": "enabled"|"disabled"}``, then ``chat_template_kwargs`` (``thinking``,
-``enable_thinking``, ``thinking_mode``), then ``reasoning_effort: "none"``, then on.
+``enable_thinking``, ``thinking_mode``), then ``reasoning_effort`` (``"none"`` turns it off, any
+level on), then the default: on, unless the caller (``dsv4 serve --default-thinking off``) says
+otherwise.
 Effort spellings (``reasoning_effort``, ``reasoning.effort``, ``chat_template_kwargs``) map to the
 checkpoint's effort profile; an unknown spelling raises ``InvalidRequestError`` naming the
 request field (a 400 for the server).
@@ -64,8 +66,9 @@ def _raw_effort(request: Mapping[str, Any], kwargs: Mapping[str, Any]) -> str | 
     return value.strip().lower()
 
 
-def resolve_thinking(request: Mapping[str, Any]) -> bool:
-    """Whether the request asks for thinking mode (default: yes, as DeepSeek's API)."""
+def resolve_thinking(request: Mapping[str, Any], default: bool = True) -> bool:
+    """Whether the request asks for thinking mode; ``default`` when it does not say (True, as
+    DeepSeek's API)."""
     kwargs = request.get("chat_template_kwargs") or {}
     thinking = request.get("thinking")
     if isinstance(thinking, Mapping):
@@ -78,7 +81,8 @@ def resolve_thinking(request: Mapping[str, Any]) -> bool:
         flag = _as_flag(kwargs.get(key), f"chat_template_kwargs.{key}")
         if flag is not None:
             return flag
-    return _raw_effort(request, kwargs) not in _OFF_WORDS
+    raw = _raw_effort(request, kwargs)
+    return default if raw is None else raw not in _OFF_WORDS
 
 
 def normalize_reasoning_effort(value: str | None, profile: str = PROFILE_PREVIEW) -> str | None:
@@ -115,6 +119,7 @@ def encoder_args_from_request(
     *,
     effort_profile: str = PROFILE_PREVIEW,
     developer_as_system: bool = True,
+    default_thinking: bool = True,
 ) -> dict[str, Any]:
     """Keyword arguments for ``encode_messages`` built from an OpenAI chat request body.
 
@@ -123,13 +128,14 @@ def encoder_args_from_request(
     (system instructions); pass False to keep DeepSeek's own developer turn. A top-level
     ``task`` (quick instruction) is attached to the last user message. Tools are rendered even
     for ``tool_choice: "none"``; the output parser decides whether calls are reported.
+    ``default_thinking`` is the mode of a request that names none.
     """
     check_profile(effort_profile)
     kwargs = request.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, Mapping):
         raise InvalidRequestError("chat_template_kwargs must be an object",
                                   param="chat_template_kwargs")
-    thinking = resolve_thinking(request)
+    thinking = resolve_thinking(request, default_thinking)
     raw = _raw_effort(request, kwargs)
     effort = None
     if thinking:

@@ -66,9 +66,10 @@ class InputProcessor:
         except (TypeError, ValueError) as exc:  # e.g. a lone surrogate, which is valid JSON
             raise InvalidRequestError(f"{param} is not valid text: {exc}", param=param) from exc
 
-    def render_chat(self, request: Mapping[str, Any]) -> str:
+    def render_chat(self, request: Mapping[str, Any], default_thinking: bool = True) -> str:
         """The prompt string of an OpenAI-style chat request body (messages, tools, thinking
-        and effort fields), byte-identical to the official encoding."""
+        and effort fields), byte-identical to the official encoding; ``default_thinking`` is
+        the mode of a request that names none."""
         messages = request.get("messages")
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise InvalidRequestError("messages must be a non-empty list of message objects",
@@ -77,7 +78,8 @@ class InputProcessor:
             if not isinstance(msg, Mapping):
                 raise InvalidRequestError(f"messages[{i}] must be a message object",
                                           param=f"messages[{i}]")
-        args = encoder_args_from_request(request, effort_profile=self.effort_profile)
+        args = encoder_args_from_request(request, effort_profile=self.effort_profile,
+                                         default_thinking=default_thinking)
         try:
             return encode_messages(**args)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:

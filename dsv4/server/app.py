@@ -47,11 +47,13 @@ logger = logging.getLogger(__name__)
 
 def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[str], *,
               api_key: str | None = None, effort_profile: str = "preview",
-              model_root: str | None = None) -> FastAPI:
+              model_root: str | None = None, default_thinking: bool = True) -> FastAPI:
     """The OpenAI-compatible app. ``model_name``: the served name(s); requests may name any of
-    them (or none). ``effort_profile``: "preview" or "0731" (see dsv4.encoding_effort)."""
+    them (or none). ``effort_profile``: "preview" or "0731" (see dsv4.encoding_effort).
+    ``default_thinking``: the chat mode of a request that does not name one."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
-    state = ServerState(async_llm, tokenizer, names, effort_profile, api_key, model_root)
+    state = ServerState(async_llm, tokenizer, names, effort_profile, api_key, model_root,
+                        default_thinking)
     app = FastAPI(title="dsv4", docs_url=None, redoc_url=None)
     app.state.dsv4 = state
 

@@ -1,12 +1,12 @@
 """POST /v1/chat/completions: request -> DeepSeek-V4 prompt -> choices -> response or SSE.
 
-Thinking is on by default (DeepSeek's API); every request spelling is mapped by
-``dsv4.encoding_request``. The output parser's start state comes from the rendered prompt, so
-reasoning, content and tool calls are split the same way in both modes; with ``tool_choice:
-"none"`` (or no tools) DSML is still stripped from content but never reported as a call.
-``required`` / a named function follow ``dsv4.server.grammar.ToolCallPlan``. Tool-call ids are
-``call_<24 hex>``; ``finish_reason`` is ``tool_calls`` when a call was reported and the output
-was not cut by the length limit.
+Thinking is on by default (DeepSeek's API; ``dsv4 serve --default-thinking off`` flips that for
+requests that do not say); every request spelling is mapped by ``dsv4.encoding_request``. The
+output parser's start state comes from the rendered prompt, so reasoning, content and tool calls
+are split the same way in both modes; with ``tool_choice: "none"`` (or no tools) DSML is still
+stripped from content but never reported as a call. ``required`` / a named function follow
+``dsv4.server.grammar.ToolCallPlan``. Tool-call ids are ``call_<24 hex>``; ``finish_reason`` is
+``tool_calls`` when a call was reported and the output was not cut by the length limit.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def render_chat_prompt(state: ServerState, raw: dict[str, Any]) -> str:
         if content is not None and not isinstance(content, (str, list)):
             raise APIError(400, f"messages[{i}].content must be a string or a list of parts",
                            param=f"messages[{i}].content")
-    return state.processor.render_chat(raw)
+    return state.processor.render_chat(raw, default_thinking=state.default_thinking)
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest,

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-effort-profile", choices=("auto", "preview", "0731"),
                    default="auto", help="effort table: auto reads the checkpoint's "
                    "encoding/encoding_dsv4.py, else preview")
+    p.add_argument("--default-thinking", choices=("on", "off"), default="on",
+                   help="chat mode of a request that does not say (no thinking, "
+                   "chat_template_kwargs or reasoning_effort field); off suits agent "
+                   "frameworks that read only content (default: on, as DeepSeek's API)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     EngineArgs.add_cli_args(p, model_positional=True)
@@ -94,11 +98,12 @@ def _serve(args: argparse.Namespace, engine_args: EngineArgs, names: list[str],
         return 1
     try:
         app = build_app(llm, tokenizer, names, api_key=api_key, effort_profile=profile,
-                        model_root=str(path))
+                        model_root=str(path), default_thinking=args.default_thinking == "on")
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=5, access_log=False)
         banner = (f"model: {', '.join(names)}  max_model_len: {llm.max_model_len}  "
-                  f"effort profile: {profile}  api key: {'required' if api_key else 'none'}")
+                  f"effort profile: {profile}  thinking by default: {args.default_thinking}  "
+                  f"api key: {'required' if api_key else 'none'}")
         _Server(config, banner, llm).run()
     finally:
         llm.shutdown()

@@ -43,6 +43,7 @@ class ServerState:
     effort_profile: str = "preview"
     api_key: str | None = None
     model_root: str | None = None
+    default_thinking: bool = True  # the chat mode of a request that names none
     metrics: ServerMetrics = field(init=False)
     processor: InputProcessor = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))

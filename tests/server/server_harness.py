@@ -77,7 +77,9 @@ class ScriptedRunner:
 
 
 class ServerHandle:
-    def __init__(self, root: Path, api_key: str | None = None, **engine_args: Any) -> None:
+    def __init__(self, root: Path, api_key: str | None = None,
+                 app_args: dict[str, Any] | None = None, **engine_args: Any) -> None:
+        """``app_args``: extra keyword arguments for ``build_app`` (e.g. default_thinking)."""
         path = checkpoint(root)
         self.tokenizer = Tokenizer.from_pretrained(path)
         engine = EngineArgs(model=str(path), **{**ENGINE_ARGS, **engine_args}).create_engine(
@@ -85,7 +87,8 @@ class ServerHandle:
         self.runner = ScriptedRunner(engine, self.tokenizer)
         self.llm = AsyncLLM(engine)
         self.api_key = api_key
-        self.app = build_app(self.llm, self.tokenizer, MODEL, api_key=api_key)
+        self.app = build_app(self.llm, self.tokenizer, MODEL, api_key=api_key,
+                             **(app_args or {}))
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
