@@ -2,11 +2,12 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus), POST /tokenize, POST /detokenize. With an API key, every route but
-/health and /metrics needs ``Authorization: Bearer KEY``. Every error is OpenAI-shaped; request
-bodies are parsed here (malformed JSON is a 400, never a crash). A streaming request is admitted
-(engine validation included) before its 200 is sent; a client that goes away mid-request is
-cancelled, which aborts its engine requests and frees their cache. One failing request is
-answered with a 500 and never affects the others.
+/health and /metrics needs ``Authorization: Bearer KEY``. Every error is OpenAI-shaped (see
+``dsv4.server.errors``); request bodies are read up to a size limit and parsed here (malformed
+JSON is a 400, never a crash; limits and chat rules: ``dsv4.server.validation``). A streaming
+request is admitted (engine validation included) before its 200 is sent; a client that goes
+away mid-request is cancelled, which aborts its engine requests and frees their cache. One
+failing request is answered with a 500 and never affects the others.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.async_llm import AsyncLLM, EngineDeadError
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
 from dsv4.server.completions import CompletionRun, prepare_completion
+from dsv4.server.errors import install_error_handlers
 from dsv4.server.generation import RequestRejected
 from dsv4.server.metrics import CONTENT_TYPE_LATEST
 from dsv4.server.protocol import (
@@ -35,6 +36,7 @@ from dsv4.server.protocol import (
     parse_request,
 )
 from dsv4.server.state import SSE_DONE, ClientGone, ServerState, sse, until_disconnect
+from dsv4.server.validation import body_limit, read_body
 from dsv4.tokenizer import Tokenizer
 
 __all__ = ["build_app"]
@@ -44,9 +46,11 @@ logger = logging.getLogger(__name__)
 
 def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[str], *,
               api_key: str | None = None, effort_profile: str = "preview",
-              max_model_len: int | None = None, model_root: str | None = None) -> FastAPI:
+              max_model_len: int | None = None, model_root: str | None = None,
+              max_body_bytes: int | None = None) -> FastAPI:
     """The OpenAI-compatible app. ``model_name``: the served name(s); requests may name any of
-    them (or none). ``effort_profile``: "preview" or "0731" (see dsv4.encoding_effort)."""
+    them (or none). ``effort_profile``: "preview" or "0731" (see dsv4.encoding_effort).
+    ``max_body_bytes``: larger request bodies are a 413 (default: ``validation.body_limit``)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     engine = async_llm.engine
     state = ServerState(async_llm, tokenizer, names,
@@ -55,14 +59,11 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
     app = FastAPI(title="dsv4", docs_url=None, redoc_url=None)
     app.state.dsv4 = state
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+    install_error_handlers(app)
+    max_body = max_body_bytes or body_limit(state.max_model_len)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+    async def body(request: Request) -> bytes:
+        return await read_body(request, max_body)
 
     async def auth(request: Request) -> None:
         if state.api_key is None:
@@ -96,7 +97,7 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
     @app.post("/v1/chat/completions", dependencies=protected)
     async def chat_completions(request: Request) -> Response:
         async def start() -> ChatRun:
-            req, raw = parse_request(await request.body(), ChatCompletionRequest)
+            req, raw = parse_request(await body(request), ChatCompletionRequest)
             return prepare_chat(state, req, raw)  # type: ignore[arg-type]
 
         return await _serve(state, request, "chat", start)
@@ -104,14 +105,14 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
     @app.post("/v1/completions", dependencies=protected)
     async def completions(request: Request) -> Response:
         async def start() -> CompletionRun:
-            req, _ = parse_request(await request.body(), CompletionRequest)
+            req, _ = parse_request(await body(request), CompletionRequest)
             return prepare_completion(state, req)  # type: ignore[arg-type]
 
         return await _serve(state, request, "completions", start)
 
     @app.post("/tokenize", dependencies=protected)
     async def tokenize(request: Request) -> dict[str, Any]:
-        req, raw = parse_request(await request.body(), TokenizeRequest)
+        req, raw = parse_request(await body(request), TokenizeRequest)
         state.check_model(req.model)  # type: ignore[attr-defined]
         if (req.prompt is None) == (req.messages is None):  # type: ignore[attr-defined]
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
@@ -129,7 +130,7 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
 
     @app.post("/detokenize", dependencies=protected)
     async def detokenize(request: Request) -> dict[str, Any]:
-        req, _ = parse_request(await request.body(), DetokenizeRequest)
+        req, _ = parse_request(await body(request), DetokenizeRequest)
         state.check_model(req.model)  # type: ignore[attr-defined]
         state.check_token_ids(req.tokens, "tokens")  # type: ignore[attr-defined]
         return {"prompt": tokenizer.decode(req.tokens)}  # type: ignore[attr-defined]
