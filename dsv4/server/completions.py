@@ -29,6 +29,7 @@ from dsv4.server.protocol import (
     reject_unsupported,
 )
 from dsv4.server.state import ServerState
+from dsv4.server.validation import check_prompt_batch, check_sampling
 
 __all__ = ["CompletionRun", "prepare_completion"]
 
@@ -62,6 +63,8 @@ def _prompts(state: ServerState, prompt: Any) -> tuple[list[list[int]], list[str
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> CompletionRun:
     reject_unsupported(req)
+    check_sampling(req)
+    check_prompt_batch(req.prompt, req.n, state.max_model_len)
     model = state.check_model(req.model)
     ids_list, texts = _prompts(state, req.prompt)
     params = state.sampling_params(req, num_prompt_tokens=max(len(ids) for ids in ids_list),
