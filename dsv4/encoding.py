@@ -281,11 +281,17 @@ def _instructions_suffix(msg: dict[str, Any]) -> str:
 
 
 def _render_message(
-    index: int, messages: list[dict[str, Any]], thinking: bool, drop_thinking: bool, prefix: str
+    index: int,
+    messages: list[dict[str, Any]],
+    thinking: bool,
+    drop_thinking: bool,
+    prefix: str,
+    last_user: int,
 ) -> str:
+    """One message of ``messages``; ``last_user`` is ``find_last_user_index(messages)``, found
+    once by the caller (per message it made rendering quadratic in the conversation length)."""
     msg = messages[index]
     role = msg.get("role")
-    last_user = find_last_user_index(messages)
     out = prefix if index == 0 and thinking else ""
 
     if role == "system":
@@ -366,6 +372,7 @@ def encode_messages(
         start = len(_drop_thinking_messages(ctx))
 
     out = BOS if add_default_bos_token and not ctx else ""
+    last_user = find_last_user_index(full)
     for idx in range(start, len(full)):
-        out += _render_message(idx, full, thinking, drop, prefix)
+        out += _render_message(idx, full, thinking, drop, prefix, last_user)
     return out

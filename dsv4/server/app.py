@@ -2,13 +2,15 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus), POST /tokenize, POST /detokenize. With an API key, every route but
-/health and /metrics needs ``Authorization: Bearer KEY``. Every error is OpenAI-shaped; request
-bodies are parsed here (malformed JSON is a 400, never a crash). A streaming request is admitted
-(engine validation included) before its 200 is sent; a client that goes away mid-request is
-cancelled, which aborts its engine requests and frees their cache. One failing request is
-answered with a 500 and never affects the others. Parsing, rendering and tokenizing a request
-run in a worker thread, so a long prompt never stalls other streams or /health. At shutdown,
-open streams end with an error event and ``[DONE]``, and waiting non-streaming requests get a 503.
+/health and /metrics needs ``Authorization: Bearer KEY``. Every error is OpenAI-shaped (see
+``dsv4.server.errors``); request bodies are read up to a size limit and parsed (malformed JSON is
+a 400, never a crash; limits and chat rules: ``dsv4.server.validation``). A streaming request is
+admitted (engine validation included) before its 200 is sent; a client that goes away
+mid-request is cancelled, which aborts its engine requests and frees their cache. One failing
+request is answered with a 500 and never affects the others. Parsing, rendering and tokenizing
+a request run in a worker thread, so a long prompt never stalls other streams or /health. At
+shutdown, open streams end with an error event and ``[DONE]``, and waiting non-streaming
+requests get a 503.
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.async_llm import AsyncLLM, EngineDeadError
 from dsv4.errors import InvalidRequestError
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
 from dsv4.server.completions import CompletionRun, prepare_completion
+from dsv4.server.errors import install_error_handlers
 from dsv4.server.metrics import CONTENT_TYPE_LATEST
 from dsv4.server.protocol import (
     APIError,
@@ -38,6 +40,7 @@ from dsv4.server.protocol import (
     parse_request,
 )
 from dsv4.server.state import SSE_DONE, ClientGone, ServerState, sse, until_disconnect
+from dsv4.server.validation import body_limit, read_body
 from dsv4.tokenizer import Tokenizer
 
 __all__ = ["build_app"]
@@ -47,28 +50,23 @@ logger = logging.getLogger(__name__)
 
 def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[str], *,
               api_key: str | None = None, effort_profile: str = "preview",
-              model_root: str | None = None, default_thinking: bool = True) -> FastAPI:
+              model_root: str | None = None, default_thinking: bool = True,
+              max_body_bytes: int | None = None) -> FastAPI:
     """The OpenAI-compatible app. ``model_name``: the served name(s); requests may name any of
     them (or none). ``effort_profile``: "preview" or "0731" (see dsv4.encoding_effort).
-    ``default_thinking``: the chat mode of a request that does not name one."""
+    ``default_thinking``: the chat mode of a request that does not name one.
+    ``max_body_bytes``: larger request bodies are a 413 (default: ``validation.body_limit``)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     state = ServerState(async_llm, tokenizer, names, effort_profile, api_key, model_root,
                         default_thinking)
     app = FastAPI(title="dsv4", docs_url=None, redoc_url=None)
     app.state.dsv4 = state
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+    install_error_handlers(app)
+    max_body = max_body_bytes or body_limit(state.max_model_len)
 
-    @app.exception_handler(InvalidRequestError)
-    async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
-        return JSONResponse(APIError.invalid(exc).body(), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+    async def body(request: Request) -> bytes:
+        return await read_body(request, max_body)
 
     async def auth(request: Request) -> None:
         if state.api_key is None:
@@ -105,7 +103,7 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
             req, raw = parse_request(body, ChatCompletionRequest)
             return prepare_chat(state, req, raw)  # type: ignore[arg-type]
 
-        return await _serve(state, request, "chat", start)
+        return await _serve(state, request, "chat", start, body)
 
     @app.post("/v1/completions", dependencies=protected)
     async def completions(request: Request) -> Response:
@@ -113,12 +111,12 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
             req, _ = parse_request(body, CompletionRequest)
             return prepare_completion(state, req)  # type: ignore[arg-type]
 
-        return await _serve(state, request, "completions", start)
+        return await _serve(state, request, "completions", start, body)
 
     @app.post("/tokenize", dependencies=protected)
     async def tokenize(request: Request) -> dict[str, Any]:
-        def work(body: bytes) -> dict[str, Any]:
-            req, raw = parse_request(body, TokenizeRequest)
+        def work(data: bytes) -> dict[str, Any]:
+            req, raw = parse_request(data, TokenizeRequest)
             state.check_model(req.model)  # type: ignore[attr-defined]
             if (req.prompt is None) == (req.messages is None):  # type: ignore[attr-defined]
                 raise APIError(400, "give exactly one of prompt or messages", param="prompt")
@@ -134,17 +132,17 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
                 out["token_strs"] = [state.token_text(t) for t in ids]
             return out
 
-        return await asyncio.to_thread(work, await request.body())
+        return await asyncio.to_thread(work, await body(request))
 
     @app.post("/detokenize", dependencies=protected)
     async def detokenize(request: Request) -> dict[str, Any]:
-        def work(body: bytes) -> dict[str, Any]:
-            req, _ = parse_request(body, DetokenizeRequest)
+        def work(data: bytes) -> dict[str, Any]:
+            req, _ = parse_request(data, DetokenizeRequest)
             state.check_model(req.model)  # type: ignore[attr-defined]
             state.check_token_ids(req.tokens, "tokens")  # type: ignore[attr-defined]
             return {"prompt": tokenizer.decode(req.tokens)}  # type: ignore[attr-defined]
 
-        return await asyncio.to_thread(work, await request.body())
+        return await asyncio.to_thread(work, await body(request))
 
     return app
 
@@ -153,12 +151,13 @@ Run = ChatRun | CompletionRun
 
 
 async def _serve(state: ServerState, request: Request, endpoint: str,
-                 start: Callable[[bytes], Run]) -> Response:
+                 start: Callable[[bytes], Run],
+                 read: Callable[[Request], Awaitable[bytes]]) -> Response:
     """Admit, run and answer one generation request, recording its outcome. ``start`` parses,
     renders and tokenizes the body; it runs in a worker thread."""
     metrics = state.metrics
     try:
-        run = await asyncio.to_thread(start, await request.body())
+        run = await asyncio.to_thread(start, await read(request))
         stream = run.gen.stream()
         if run.req.stream:
             first = await until_disconnect(request, _first(stream))

@@ -50,6 +50,7 @@ from dsv4.server.protocol import (
     reject_unsupported,
 )
 from dsv4.server.state import ServerState
+from dsv4.server.validation import check_messages, check_sampling, check_tools
 
 __all__ = ["ChatRun", "prepare_chat", "render_chat_prompt"]
 
@@ -58,15 +59,8 @@ _ROLES = ("system", "developer", "user", "assistant", "tool", "latest_reminder")
 
 def render_chat_prompt(state: ServerState, raw: dict[str, Any]) -> str:
     """The prompt string for a chat request body (400 naming the field on bad input)."""
-    for i, msg in enumerate(raw.get("messages") or []):
-        if not isinstance(msg, dict) or msg.get("role") not in _ROLES:
-            role = msg.get("role") if isinstance(msg, dict) else None
-            raise APIError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}, "
-                           f"not {role!r}", param=f"messages[{i}].role")
-        content = msg.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise APIError(400, f"messages[{i}].content must be a string or a list of parts",
-                           param=f"messages[{i}].content")
+    check_messages(raw.get("messages"))
+    check_tools(raw.get("tools"))
     return state.processor.render_chat(raw, default_thinking=state.default_thinking)
 
 
@@ -76,6 +70,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest,
     (4xx) before any work starts. Synchronous and possibly slow (a long prompt): the app runs
     it in a worker thread."""
     reject_unsupported(req)
+    check_sampling(req)
     model = state.check_model(req.model)
     tools = tool_schemas(req.tools)
     tools_enabled, forced_name, force = resolve_tool_choice(req.tool_choice, list(tools))

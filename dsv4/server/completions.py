@@ -30,6 +30,7 @@ from dsv4.server.protocol import (
     reject_unsupported,
 )
 from dsv4.server.state import ServerState
+from dsv4.server.validation import check_prompt_batch, check_sampling
 
 __all__ = ["CompletionRun", "prepare_completion"]
 
@@ -65,6 +66,8 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Completion
     """Validate and tokenize a completions request (synchronous: the app runs it in a worker
     thread); raises APIError / InvalidRequestError (4xx) before any work starts."""
     reject_unsupported(req)
+    check_sampling(req)
+    check_prompt_batch(req.prompt, req.n, state.max_model_len)
     model = state.check_model(req.model)
     ids_list, texts = _prompts(state, req.prompt)
     params = state.sampling_params(req, ids_list, max_tokens=req.max_tokens,

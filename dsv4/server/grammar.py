@@ -20,6 +20,7 @@ from typing import Any
 from dsv4.encoding_tokens import DSML, THINK_CLOSE
 from dsv4.server.generation import Phase
 from dsv4.server.protocol import APIError
+from dsv4.server.validation import check_tools
 from dsv4.tokenizer import Tokenizer
 
 __all__ = ["INVOKE_PREFIX", "OPENER", "ToolCallPlan", "resolve_tool_choice", "tool_schemas"]
@@ -32,18 +33,11 @@ _VALUE_ROOM = 16  # tokens the reasoning leaves for the first value, beyond the 
 
 
 def tool_schemas(tools: Sequence[dict[str, Any]] | None) -> dict[str, dict[str, Any] | None]:
-    """Name -> parameters schema of an OpenAI ``tools`` list (400 naming the bad entry)."""
-    schemas: dict[str, dict[str, Any] | None] = {}
-    for i, tool in enumerate(tools or []):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function" \
-                or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
-                or not fn["name"]:
-            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
-                           "{\"name\": ...}}", param=f"tools[{i}]")
-        params = fn.get("parameters")
-        schemas[fn["name"]] = params if isinstance(params, dict) else None
-    return schemas
+    """Name -> parameters schema of an OpenAI ``tools`` list (400 naming the bad entry; rules in
+    ``dsv4.server.validation.check_tools``)."""
+    check_tools(tools)
+    return {tool["function"]["name"]: tool["function"].get("parameters")
+            for tool in tools or []}
 
 
 def resolve_tool_choice(tool_choice: str | dict[str, Any] | None,

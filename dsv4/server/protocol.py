@@ -1,10 +1,12 @@
-"""OpenAI-compatible request/response models (the subset dsv4 serves) and the OpenAI error shape.
+"""OpenAI-compatible request/response models (the subset dsv4 serves) and request parsing.
 
 Requests forbid unknown fields: a typo or an unsupported OpenAI field is a 400 naming it, never
 silently dropped. ``IGNORED_FIELDS`` are accepted and have no effect (as in DeepSeek's API);
 ``reject_unsupported`` turns fields that would change the output in ways dsv4 cannot honour into
 400s. Raw JSON that the prompt encoder renders (``messages``, ``tools``) stays plain dicts so it
 is never re-serialized through a model class. Responses are dumped with ``exclude_none``.
+``APIError`` / ``error_body`` (OpenAI's error shape) live in ``dsv4.server.errors`` and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dsv4.errors import InvalidRequestError
+from dsv4.server.errors import APIError, error_body
+from dsv4.server.validation import check_json, param_path
 
 __all__ = [
     "IGNORED_FIELDS", "APIError", "ChatCompletionRequest", "CompletionRequest",
@@ -22,49 +26,46 @@ __all__ = [
 ]
 
 
-# ---- errors ---------------------------------------------------------------------------------
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-    @classmethod
-    def invalid(cls, exc: InvalidRequestError) -> APIError:
-        """The 400 for a validation error raised below the server (its param and code)."""
-        return cls(400, str(exc), param=exc.param, code=exc.code)
-
-
-def error_body(message: str, type: str, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
 def parse_request(raw: bytes, model: type[BaseModel]) -> tuple[BaseModel, dict[str, Any]]:
-    """JSON bytes -> (validated model, the raw dict). Any problem is a 400 naming the field."""
+    """JSON bytes -> (validated model, the raw dict). Any problem is a 400 naming the field,
+    lone surrogates and too deep nesting included (``dsv4.server.validation.check_json``)."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    check_json(data)
     try:
         return model.model_validate(data), data
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        if err["type"] == "extra_forbidden":
-            message = f"Unrecognized request argument supplied: {param}"
-        else:
-            message = f"{param}: {err['msg']}" if param else err["msg"]
-        raise APIError(400, message, param=param) from exc
+        raise _validation_error(exc) from exc
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    """pydantic's error as a 400 naming the field. For a union field pydantic reports each
+    member it tried: the deepest error is the most specific; if none went deeper than the
+    members themselves, the value's type matched none of them and they are listed."""
+    errors = exc.errors()
+    if errors[0]["type"] == "extra_forbidden":
+        param = param_path(errors[0]["loc"])
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    err = max(errors, key=lambda e: len(e["loc"]))
+    tags = [str(e["loc"][-1]) for e in errors if _is_union_tag(e["loc"][-1])]
+    param = param_path([p for p in err["loc"] if not _is_union_tag(p)])
+    if len(tags) > 1 and len(tags) == len(errors):
+        return APIError(400, f"{param}: expected one of {', '.join(tags)}; got "
+                        f"{type(err['input']).__name__}", param=param)
+    message = f"{param}: {err['msg']}" if param else err["msg"]
+    return APIError(400, message, param=param)
+
+
+def _is_union_tag(part: str | int) -> bool:
+    """A union member pydantic names in an error location (``str``, ``list[str]``), not a key."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none")
+                                      or "[" in part)
 
 
 # ---- requests -------------------------------------------------------------------------------
