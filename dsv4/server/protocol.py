@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dsv4.errors import InvalidRequestError
 from dsv4.server.errors import APIError, error_body
 from dsv4.server.validation import check_json, param_path
 
