@@ -1,7 +1,9 @@
-"""KV-cache bookkeeping shared by the scheduler and the model runner (pure Python, no tensors).
+"""The paged KV cache: bookkeeping (pure Python) and storage (tensors).
 
 ``spec`` says what each kind (swa / csa / hca) stores and its bytes; ``block_pool`` hands out
-block ids with ref counts; ``block_manager`` keeps per-request block tables and state slots.
+block ids with ref counts; ``block_manager`` keeps per-request block tables and state slots (these
+three never touch tensors); ``kv_cache`` holds the storage tensors and the paged stores the model
+reads and writes; ``kv_format`` the entry byte formats.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Validated once in ``__post_init__`` (ValueError naming the field); ``check_model`` adds the checks
 that need the ModelConfig (block_size a multiple of every compress ratio, context length).
 ``kv_cache_memory`` is the byte budget for all KV pools *and* compressor-state slots; None means
-"not known yet": the model runner profiles free device memory and fills it in with
-``dataclasses.replace`` before the BlockManager is built. It holds no model facts itself.
+"not known yet": ``EngineArgs.create_engine_config`` sizes it (``dsv4.engine.memory``) and fills
+it in with ``replace`` before the engine is built. It holds no model facts itself.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class EngineConfig:
     max_num_seqs: int = 256  # running requests at once (also the number of state slots)
     max_num_batched_tokens: int = 8192  # token budget of one step (prefill chunks + decodes)
     block_size: int = 256  # source tokens per cache block, every kind (design-anchors 6.5)
-    kv_cache_memory: int | None = None  # bytes for KV pools + compressor states; None: profile
+    kv_cache_memory: int | None = None  # bytes for KV pools + compressor states; None: unsized
     kv_cache_dtype: str = "bf16"  # main / window entries: "bf16" | "fp8" (584 B) | "fp32" | "fp64"
     index_cache_dtype: str | None = None  # indexer keys: "fp4" | "fp8" | plain; None:
     # fp8 -> fp4, otherwise the same as kv_cache_dtype

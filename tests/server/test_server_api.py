@@ -253,13 +253,16 @@ def test_serve_command_prints_url_and_exits_cleanly_on_sigint(tmp_path_factory):
 
 
 def test_launch_helpers(tmp_path):
-    assert launch.parse_bytes("8GiB") == 8 << 30 and launch.parse_bytes("1e9") == 10**9
-    with pytest.raises(SystemExit, match="no config.json"):
-        launch.resolve_model(str(tmp_path))
-    with pytest.raises(SystemExit, match="local Hugging Face cache"):
-        launch.resolve_model("no-such-org-zz/no-such-model-zz")
-    with pytest.raises(SystemExit, match="neither a directory"):
-        launch.resolve_model("not a model")
+    from dsv4.demo import resolve_model
+    from dsv4.engine_args import parse_bytes
+
+    assert parse_bytes("8GiB") == 8 << 30 and parse_bytes("1e9") == 10**9
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="local Hugging Face cache"):
+        resolve_model("no-such-org-zz/no-such-model-zz")
+    with pytest.raises(FileNotFoundError, match="neither a directory"):
+        resolve_model("not a model")
     start = time.monotonic()
     assert launch.build_parser().parse_args([]).port == 8000
     assert launch.build_parser().parse_args([]).dtype == "auto"
