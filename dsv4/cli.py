@@ -7,6 +7,7 @@ it runs with no download and no GPU. Subcommands parse their own flags and impor
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -35,6 +36,10 @@ def _generate(argv: list[str]) -> int:
     from dsv4.llm import LLM
     from dsv4.sampling_params import SamplingParams
 
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("dsv4: %(message)s"))
+    logging.getLogger("dsv4").addHandler(handler)  # the KV-cache size and capacity line
+    logging.getLogger("dsv4").setLevel(logging.INFO)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)

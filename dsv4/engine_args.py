@@ -6,7 +6,8 @@ spellings: ``--max-model-len``, ``--kv-cache-memory 8GiB``, ``--gpu-memory-utili
 no flag is declared twice. Defaults that depend on the device or the checkpoint are resolved in
 ``create_engine_config`` once the model is loaded:
 
-- ``max_model_len``: the model's context (capped at 1M);
+- ``max_model_len``: the model's context (capped at 1M; 16K for the embedded demo model, so it
+  starts small);
 - ``max_num_seqs``: 256 on CUDA, 32 on CPU;
 - ``max_num_batched_tokens`` (the token budget of one step, i.e. the prefill chunk): 8192 on
   CUDA, 2048 on CPU (a short request waits for at most one chunk);
@@ -36,6 +37,7 @@ __all__ = ["DTYPES", "EngineArgs", "parse_bytes"]
 
 DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16}
+DEMO_MAX_MODEL_LEN = 16384  # the embedded demo model's default context (pass more if needed)
 _PLAIN_CACHE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16"}
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -79,7 +81,8 @@ class EngineArgs:
         "the reference's FP8/FP4 KV and indexer rounding (--no-emulate-quant turns it off, as "
         "transformers has it)"))
     max_model_len: int | None = field(default=None, metadata=_opt(
-        "prompt + output tokens per request (default: the model's context, at most 1M)",
+        "prompt + output tokens per request (default: the model's context, at most 1M; 16384 "
+        "for the embedded demo model)",
         type=int))
     max_num_seqs: int | None = field(default=None, metadata=_opt(
         "requests running at once (default: 256 on CUDA, 32 on CPU)", type=int))
@@ -199,9 +202,11 @@ class EngineArgs:
         state = self.compressor_state_dtype
         if state == "auto":
             state = "fp64" if model.compute_dtype == torch.float64 else "fp32"
+        context = min(model.config.max_position_embeddings, MAX_MODEL_LEN)
+        if "dsv4_demo_version" in model.config.extra:  # the demo starts small and fast
+            context = min(context, DEMO_MAX_MODEL_LEN)
         config = EngineConfig(
-            max_model_len=self.max_model_len or min(model.config.max_position_embeddings,
-                                                    MAX_MODEL_LEN),
+            max_model_len=self.max_model_len or context,
             max_num_seqs=self.max_num_seqs or (256 if cuda else 32),
             max_num_batched_tokens=self.max_num_batched_tokens or (8192 if cuda else 2048),
             block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
