@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "dtype_from_flag", "main"]
+__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "dtype_from_flag", "main", "version"]
 
 DTYPE_CHOICES = ("auto", "float32", "float64", "bfloat16")
 DTYPE_HELP = ("compute dtype (auto: float32 on CPU, bfloat16 on GPU, FP8/FP4 weights kept); any "
@@ -101,11 +101,28 @@ def _analyze(argv: list[str]) -> int:
 COMMANDS = {"generate": _generate, "serve": _serve, "analyze": _analyze}
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("dsv4")
+    except PackageNotFoundError:
+        from dsv4 import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"dsv4 {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = " | ".join(COMMANDS)
-        print(f"usage: dsv4 {{{names}}} [options]\n\n"
+        print(f"usage: dsv4 {{{names}}} [options]\n"
+              "       dsv4 --version\n\n"
               "  generate  complete prompts with a V4 checkpoint (default: embedded demo model)\n"
               "  serve     OpenAI-compatible server (default: embedded demo model)\n"
               "  analyze   per-token FLOPs and KV-cache bytes of V4 vs V3/V3.2\n\n"

@@ -1,6 +1,11 @@
-"""`dsv4 generate` end to end on a tiny checkpoint with the real tokenizer's vocabulary."""
+"""`dsv4 generate` end to end on a tiny checkpoint with the real tokenizer's vocabulary;
+`dsv4 --version`."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import tiny_config
@@ -55,3 +60,24 @@ def test_generate_rejects_bad_flags(checkpoint, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(checkpoint), "--temperature", "-1", "Hello"])
     assert "temperature" in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dsv4(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m dsv4 ARGS` from the repository root (this checkout's dsv4)."""
+    return subprocess.run([sys.executable, "-m", "dsv4", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_version(capsys):
+    import tomllib
+
+    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"dsv4 {expected}\n"
+    assert main(["-V"]) == 0
+    assert capsys.readouterr().out == f"dsv4 {expected}\n"
+    done = _dsv4("--version")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"dsv4 {expected}\n", "")
