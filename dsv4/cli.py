@@ -128,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
               "  analyze   per-token FLOPs and KV-cache bytes of V4 vs V3/V3.2\n\n"
               "Run `dsv4 COMMAND --help` for the options of one command.")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    from dsv4.device import DeviceError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except DeviceError as exc:  # --device asked for what this torch / machine cannot give
+        print(f"dsv4 {argv[0]}: {exc.for_flag('--device')}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

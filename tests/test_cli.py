@@ -1,5 +1,5 @@
 """`dsv4 generate` end to end on a tiny checkpoint with the real tokenizer's vocabulary;
-`dsv4 --version`."""
+`dsv4 --version`; a --device this torch cannot provide fails in one line."""
 
 from __future__ import annotations
 
@@ -81,3 +81,31 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"dsv4 {expected}\n"
     done = _dsv4("--version")
     assert (done.returncode, done.stdout, done.stderr) == (0, f"dsv4 {expected}\n", "")
+
+
+def test_generate_device_cuda_without_cuda_is_one_line(checkpoint, capsys, monkeypatch):
+    import torch
+
+    # in-process, with torch made to look like a CPU-only build (holds on GPU machines too)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--model", str(checkpoint), "--device", "cuda", "Hello"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"dsv4 generate: --device cuda was asked for but this torch build has no CUDA support "
+        f"(torch {torch.__version__}); install a CUDA build of torch or use --device cpu\n")
+    assert main(["generate", "--model", str(checkpoint), "--device", "gpu", "Hello"]) == 1
+    assert capsys.readouterr().err.startswith("dsv4 generate: --device gpu is not a device")
+
+
+def test_generate_device_cuda_without_cuda_subprocess(checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = _dsv4("generate", "--model", str(checkpoint), "--device", "cuda", "Hello")
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr  # not a traceback
+    assert lines[0].startswith("dsv4 generate: --device cuda was asked for but "), lines

@@ -78,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from dsv4 import env
+    from dsv4.device import DeviceError, resolve_device
 
+    try:
+        resolve_device(args.device)  # before anything is built or loaded
+    except DeviceError as exc:
+        print(f"dsv4 serve: {exc.for_flag('--device')}", file=sys.stderr)
+        return 1
     api_key = args.api_key or env.api_key()
     path, default_name = resolve_model(args.model)
     names = args.served_model_name or [default_name]
