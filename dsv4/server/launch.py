@@ -4,7 +4,9 @@ MODEL is a checkpoint directory, a Hugging Face repo id already in the local HF 
 with ``huggingface_hub.snapshot_download(local_files_only=True)``; nothing is downloaded), or
 nothing for the embedded demo model. Flags follow vLLM's names. The API key comes from
 ``--api-key`` or ``DSV4_API_KEY``. Ctrl-C / SIGTERM stop accepting requests, give running ones
-a few seconds, then stop the engine thread; exit status 0.
+a few seconds, then stop the engine thread; exit status 0. The --device and the port are checked
+before anything loads (the socket is bound then and handed to uvicorn, see dsv4.server.bind): an
+impossible device or a busy port fails at once, in one line, exit status 1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -20,6 +23,7 @@ import uvicorn
 
 from dsv4.cli import DTYPE_CHOICES, DTYPE_HELP, dtype_from_flag
 from dsv4.demo import resolve_model
+from dsv4.server.bind import bind_socket
 
 __all__ = ["main", "parse_bytes", "resolve_model"]
 
@@ -86,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsv4 serve: {exc.for_flag('--device')}", file=sys.stderr)
         return 1
     api_key = args.api_key or env.api_key()
-    path, default_name = resolve_model(args.model)
+    sock = bind_socket(args.host, args.port)  # a busy port fails now, not after the load
+    try:
+        path, default_name = resolve_model(args.model)
+    except SystemExit:
+        sock.close()
+        raise
     names = args.served_model_name or [default_name]
     engine_args = {k: v for k, v in (
         ("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
@@ -96,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None}
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading: stop cleanly
     try:
-        return _serve(args, path, names, api_key, engine_args)
+        return _serve(args, path, names, api_key, engine_args, sock)
     except KeyboardInterrupt:
         print("dsv4 serve: interrupted", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sock.close()
 
 
 def _interrupt(sig: int, frame: FrameType | None) -> None:
@@ -109,7 +119,7 @@ def _interrupt(sig: int, frame: FrameType | None) -> None:
 
 
 def _serve(args: argparse.Namespace, path: Path, names: list[str], api_key: str | None,
-           engine_args: dict) -> int:
+           engine_args: dict, sock: socket.socket) -> int:
     from dsv4.async_llm import AsyncLLM
     from dsv4.encoding_effort import detect_effort_profile
     from dsv4.engine.llm_engine import LLMEngine
@@ -137,7 +147,7 @@ def _serve(args: argparse.Namespace, path: Path, names: list[str], api_key: str 
                                 timeout_graceful_shutdown=5, access_log=False)
         banner = (f"model: {', '.join(names)}  max_model_len: {engine.config.max_model_len}  "
                   f"effort profile: {profile}  api key: {'required' if api_key else 'none'}")
-        _Server(config, banner).run()
+        _Server(config, banner).run(sockets=[sock])
     finally:
         llm.shutdown()
     print("dsv4 serve: stopped", file=sys.stderr)
