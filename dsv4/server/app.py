@@ -6,7 +6,8 @@ GET /metrics (Prometheus), POST /tokenize, POST /detokenize. With an API key, ev
 bodies are parsed here (malformed JSON is a 400, never a crash). A streaming request is admitted
 (engine validation included) before its 200 is sent; a client that goes away mid-request is
 cancelled, which aborts its engine requests and frees their cache. One failing request is
-answered with a 500 and never affects the others.
+answered with a 500 and never affects the others. Each request is logged on dsv4.access
+(AccessLogMiddleware) and the engine's load on dsv4.stats while busy (StatsLogger).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.async_llm import AsyncLLM, EngineDeadError
+from dsv4.server.access_log import AccessLogMiddleware
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
 from dsv4.server.completions import CompletionRun, prepare_completion
 from dsv4.server.generation import RequestRejected
@@ -35,6 +37,7 @@ from dsv4.server.protocol import (
     parse_request,
 )
 from dsv4.server.state import SSE_DONE, ClientGone, ServerState, sse, until_disconnect
+from dsv4.server.stats_logger import StatsLogger
 from dsv4.tokenizer import Tokenizer
 
 __all__ = ["build_app"]
@@ -44,16 +47,24 @@ logger = logging.getLogger(__name__)
 
 def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[str], *,
               api_key: str | None = None, effort_profile: str = "preview",
-              max_model_len: int | None = None, model_root: str | None = None) -> FastAPI:
+              max_model_len: int | None = None, model_root: str | None = None,
+              log_requests: bool = True, log_stats: bool = True,
+              stats_interval: float = 10.0) -> FastAPI:
     """The OpenAI-compatible app. ``model_name``: the served name(s); requests may name any of
-    them (or none). ``effort_profile``: "preview" or "0731" (see dsv4.encoding_effort)."""
+    them (or none). ``effort_profile``: "preview" or "0731" (see dsv4.encoding_effort).
+    ``log_requests``: an access line per request (dsv4.access); ``log_stats``: a load line every
+    ``stats_interval`` seconds while busy (dsv4.stats)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     engine = async_llm.engine
     state = ServerState(async_llm, tokenizer, names,
                         max_model_len or engine.config.max_model_len,
                         engine.model_config.vocab_size, effort_profile, api_key, model_root)
-    app = FastAPI(title="dsv4", docs_url=None, redoc_url=None)
+    stats_logger = StatsLogger(state.metrics, async_llm.run, stats_interval) if log_stats else None
+    app = FastAPI(title="dsv4", docs_url=None, redoc_url=None,
+                  lifespan=stats_logger.lifespan if stats_logger else None)
     app.state.dsv4 = state
+    if log_requests:
+        app.add_middleware(AccessLogMiddleware)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -146,6 +157,7 @@ async def _serve(state: ServerState, request: Request, endpoint: str,
     metrics = state.metrics
     try:
         run = await start()
+        request.state.stats = run.gen.stats  # the access log reports its token counts
         stream = run.gen.stream()
         if run.req.stream:
             first = await until_disconnect(request, _first(stream))

@@ -12,6 +12,7 @@ impossible device or a busy port fails at once, in one line, exit status 1.
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import signal
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from dsv4.cli import DTYPE_CHOICES, DTYPE_HELP, dtype_from_flag
 from dsv4.demo import resolve_model
@@ -75,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no access line per request (method, path, status, tokens, latency)")
+    p.add_argument("--disable-log-stats", action="store_true",
+                   help="no load line every 10 s while busy (running, waiting, KV-cache "
+                   "usage, tokens/s)")
     return p
 
 
@@ -142,9 +149,12 @@ def _serve(args: argparse.Namespace, path: Path, names: list[str], api_key: str 
     llm = AsyncLLM(engine)
     try:
         app = build_app(llm, tokenizer, names, api_key=api_key, effort_profile=profile,
-                        model_root=str(path))
+                        model_root=str(path), log_requests=not args.disable_log_requests,
+                        log_stats=not args.disable_log_stats)
+        # uvicorn's access log stays off: dsv4.access replaces it, with token counts
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                timeout_graceful_shutdown=5, access_log=False)
+                                timeout_graceful_shutdown=5, access_log=False,
+                                log_config=_log_config(args.log_level))
         banner = (f"model: {', '.join(names)}  max_model_len: {engine.config.max_model_len}  "
                   f"effort profile: {profile}  api key: {'required' if api_key else 'none'}")
         _Server(config, banner).run(sockets=[sock])
@@ -152,6 +162,15 @@ def _serve(args: argparse.Namespace, path: Path, names: list[str], api_key: str 
         llm.shutdown()
     print("dsv4 serve: stopped", file=sys.stderr)
     return 0
+
+
+def _log_config(level: str) -> dict:
+    """uvicorn's logging setup plus the dsv4 loggers (access, stats, errors) on its stderr
+    handler and format, at --log-level; without it their INFO lines would go nowhere."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["dsv4"] = {"handlers": ["default"], "level": level.upper(),
+                                 "propagate": False}
+    return config
 
 
 class _Server(uvicorn.Server):
