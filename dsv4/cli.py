@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-__all__ = ["main"]
+__all__ = ["main", "version"]
 
 
 def _generate(argv: list[str]) -> int:
@@ -86,17 +86,40 @@ def _analyze(argv: list[str]) -> int:
 COMMANDS = {"generate": _generate, "serve": _serve, "analyze": _analyze}
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("dsv4")
+    except PackageNotFoundError:
+        from dsv4 import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"dsv4 {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = " | ".join(COMMANDS)
-        print(f"usage: dsv4 {{{names}}} [options]\n\n"
+        print(f"usage: dsv4 {{{names}}} [options]\n"
+              "       dsv4 --version\n\n"
               "  generate  complete prompts with a V4 checkpoint (default: embedded demo model)\n"
               "  serve     OpenAI-compatible server (default: embedded demo model)\n"
               "  analyze   per-token FLOPs and KV-cache bytes of V4 vs V3/V3.2\n\n"
               "Run `dsv4 COMMAND --help` for the options of one command.")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    from dsv4.device import DeviceError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except DeviceError as exc:  # --device asked for what this torch / machine cannot give
+        print(f"dsv4 {argv[0]}: {exc.for_flag('--device')}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from dsv4.config import ModelConfig
+from dsv4.device import resolve_device
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.model.linear import Linear
 from dsv4.model.names import is_hf_naming, official_items, released_in_fp32
@@ -42,24 +43,21 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model(path: str | Path, *, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, emulate_quant: bool = True,
                progress: bool = True) -> DeepseekV4ForCausalLM:
     """Load a checkpoint (official or transformers naming).
 
-    device: "cpu" (fp32 compute) or "cuda" (bf16 compute); default: cuda when available.
+    device: "cpu" (fp32 compute) or "cuda" (bf16 compute); default: cuda when available. A
+    device this machine cannot provide raises dsv4.device.DeviceError (a ValueError).
     dtype: expand every weight to this dtype at load (more memory, no per-matmul dequant);
     None keeps FP8/FP4 weights and the embedding as stored, and casts the unquantized
     projections and the head to the compute dtype once. emulate_quant: the reference's
     FP8/FP4 KV and indexer rounding.
     """
+    device = resolve_device(device)  # first: a CUDA request without CUDA fails before any I/O
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
-    device = torch.device(device or _default_device())
     files = checkpoint_files(path)
     names = []
     for file in files:

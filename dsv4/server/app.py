@@ -10,7 +10,8 @@ mid-request is cancelled, which aborts its engine requests and frees their cache
 request is answered with a 500 and never affects the others. Parsing, rendering and tokenizing
 a request run in a worker thread, so a long prompt never stalls other streams or /health. At
 shutdown, open streams end with an error event and ``[DONE]``, and waiting non-streaming
-requests get a 503.
+requests get a 503. Each request is logged on dsv4.access (AccessLogMiddleware) and the
+engine's load on dsv4.stats while busy (StatsLogger).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dsv4.async_llm import AsyncLLM, EngineDeadError
 from dsv4.errors import InvalidRequestError
+from dsv4.server.access_log import AccessLogMiddleware
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
 from dsv4.server.completions import CompletionRun, prepare_completion
 from dsv4.server.errors import install_error_handlers
@@ -40,6 +42,7 @@ from dsv4.server.protocol import (
     parse_request,
 )
 from dsv4.server.state import SSE_DONE, ClientGone, ServerState, sse, until_disconnect
+from dsv4.server.stats_logger import StatsLogger
 from dsv4.server.validation import body_limit, read_body
 from dsv4.tokenizer import Tokenizer
 
@@ -51,16 +54,24 @@ logger = logging.getLogger(__name__)
 def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[str], *,
               api_key: str | None = None, effort_profile: str = "preview",
               model_root: str | None = None, default_thinking: bool = True,
-              max_body_bytes: int | None = None) -> FastAPI:
+              max_body_bytes: int | None = None, log_requests: bool = True,
+              log_stats: bool = True, stats_interval: float = 10.0) -> FastAPI:
     """The OpenAI-compatible app. ``model_name``: the served name(s); requests may name any of
     them (or none). ``effort_profile``: "preview" or "0731" (see dsv4.encoding_effort).
     ``default_thinking``: the chat mode of a request that does not name one.
-    ``max_body_bytes``: larger request bodies are a 413 (default: ``validation.body_limit``)."""
+    ``max_body_bytes``: larger request bodies are a 413 (default: ``validation.body_limit``).
+    ``log_requests``: an access line per request (dsv4.access); ``log_stats``: a load line every
+    ``stats_interval`` seconds while busy (dsv4.stats)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     state = ServerState(async_llm, tokenizer, names, effort_profile, api_key, model_root,
                         default_thinking)
-    app = FastAPI(title="dsv4", docs_url=None, redoc_url=None)
+    stats_logger = (StatsLogger(state.metrics, async_llm.get_stats, stats_interval)
+                    if log_stats else None)
+    app = FastAPI(title="dsv4", docs_url=None, redoc_url=None,
+                  lifespan=stats_logger.lifespan if stats_logger else None)
     app.state.dsv4 = state
+    if log_requests:
+        app.add_middleware(AccessLogMiddleware)
 
     install_error_handlers(app)
     max_body = max_body_bytes or body_limit(state.max_model_len)
@@ -158,6 +169,7 @@ async def _serve(state: ServerState, request: Request, endpoint: str,
     metrics = state.metrics
     try:
         run = await asyncio.to_thread(start, await read(request))
+        request.state.stats = run.gen.stats  # the access log reports its token counts
         stream = run.gen.stream()
         if run.req.stream:
             first = await until_disconnect(request, _first(stream))

@@ -5,20 +5,27 @@ with ``huggingface_hub.snapshot_download(local_files_only=True)``; nothing is do
 nothing for the embedded demo model. Flags follow vLLM's names; the engine's come from
 ``EngineArgs``, the same as ``dsv4 generate``'s. The API key comes from
 ``--api-key`` or ``DSV4_API_KEY``. Ctrl-C / SIGTERM stop accepting requests, give running ones
-a few seconds, then stop the engine thread; exit status 0.
+a few seconds, then stop the engine thread; exit status 0. The --device and the port are checked
+before anything loads (the socket is bound then and handed to uvicorn, see dsv4.server.bind): an
+impossible device or a busy port fails at once, in one line, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import logging.config
 import signal
+import socket
 import sys
 from types import FrameType
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from dsv4.async_llm import AsyncLLM
 from dsv4.engine_args import EngineArgs
+from dsv4.server.bind import bind_socket
 
 __all__ = ["build_parser", "main"]
 
@@ -41,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "frameworks that read only content (default: on, as DeepSeek's API)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no access line per request (method, path, status, tokens, latency)")
+    p.add_argument("--disable-log-stats", action="store_true",
+                   help="no load line every 10 s while busy (running, waiting, KV-cache "
+                   "usage, tokens/s)")
     EngineArgs.add_cli_args(p, model_positional=True)
     return p
 
@@ -51,27 +63,37 @@ def main(argv: list[str] | None = None) -> int:
 
     from dsv4 import env
     from dsv4.demo import resolve_model
+    from dsv4.device import DeviceError, resolve_device
 
     try:
         engine_args = EngineArgs.from_cli_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     try:
+        resolve_device(args.device)  # before anything is built or loaded
+    except DeviceError as exc:
+        print(f"dsv4 serve: {exc.for_flag('--device')}", file=sys.stderr)
+        return 1
+    api_key = args.api_key or env.api_key()
+    sock = bind_socket(args.host, args.port)  # a busy port fails now, not after the load
+    try:
         path, default_name = resolve_model(args.model)
     except FileNotFoundError as exc:
+        sock.close()
         print(f"dsv4 serve: {exc}", file=sys.stderr)
         return 1
     engine_args.model = str(path)
-    api_key = args.api_key or env.api_key()
+    logging.config.dictConfig(_log_config(args.log_level))  # the load's KV-cache line shows
     names = args.served_model_name or [default_name]
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading: stop cleanly
     try:
-        return _serve(args, engine_args, names, api_key)
+        return _serve(args, engine_args, names, api_key, sock)
     except KeyboardInterrupt:
         print("dsv4 serve: interrupted", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sock.close()
 
 
 def _interrupt(sig: int, frame: FrameType | None) -> None:
@@ -79,7 +101,7 @@ def _interrupt(sig: int, frame: FrameType | None) -> None:
 
 
 def _serve(args: argparse.Namespace, engine_args: EngineArgs, names: list[str],
-           api_key: str | None) -> int:
+           api_key: str | None, sock: socket.socket) -> int:
     from dsv4.encoding_effort import detect_effort_profile
     from dsv4.server.app import build_app
     from dsv4.tokenizer import Tokenizer
@@ -98,17 +120,30 @@ def _serve(args: argparse.Namespace, engine_args: EngineArgs, names: list[str],
         return 1
     try:
         app = build_app(llm, tokenizer, names, api_key=api_key, effort_profile=profile,
-                        model_root=str(path), default_thinking=args.default_thinking == "on")
+                        model_root=str(path), default_thinking=args.default_thinking == "on",
+                        log_requests=not args.disable_log_requests,
+                        log_stats=not args.disable_log_stats)
+        # uvicorn's access log stays off: dsv4.access replaces it, with token counts
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                timeout_graceful_shutdown=5, access_log=False)
+                                timeout_graceful_shutdown=5, access_log=False,
+                                log_config=_log_config(args.log_level))
         banner = (f"model: {', '.join(names)}  max_model_len: {llm.max_model_len}  "
                   f"effort profile: {profile}  thinking by default: {args.default_thinking}  "
                   f"api key: {'required' if api_key else 'none'}")
-        _Server(config, banner, llm).run()
+        _Server(config, banner, llm).run(sockets=[sock])
     finally:
         llm.shutdown()
     print("dsv4 serve: stopped", file=sys.stderr)
     return 0
+
+
+def _log_config(level: str) -> dict:
+    """uvicorn's logging setup plus the dsv4 loggers (access, stats, errors) on its stderr
+    handler and format, at --log-level; without it their INFO lines would go nowhere."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["dsv4"] = {"handlers": ["default"], "level": level.upper(),
+                                 "propagate": False}
+    return config
 
 
 class _Server(uvicorn.Server):

@@ -2,7 +2,9 @@
 
 Each app owns its registry, so several servers in one process (tests) never collide. Request
 outcomes, token counts and latency histograms are recorded as requests run (``RequestStats``);
-the running / waiting / KV-usage gauges are read from the engine thread at scrape time.
+the running / waiting / KV-usage gauges are read from the engine thread at scrape time. The
+token totals are also kept as plain counts (``prompt_tokens_total``, ``generation_tokens_total``)
+and each RequestStats keeps its own, for the stats line and the access log.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from prometheus_client import (
 
 from dsv4.engine.outputs import EngineStats
 
-__all__ = ["CONTENT_TYPE_LATEST", "RequestStats", "ServerMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "RequestStats", "ServerMetrics", "read_engine_gauges"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +63,33 @@ class ServerMetrics:
                              registry=reg)
         self.kv_usage = Gauge("dsv4:kv_cache_usage_perc", "KV-cache usage (1 = full).", m,
                               registry=reg)
+        self.prompt_tokens_total = 0  # the same sums as the two token counters, readable
+        self.generation_tokens_total = 0
 
     def outcome(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(self.model_name, endpoint, outcome).inc()
 
     async def render(self, get_stats: Callable[[], Awaitable[EngineStats]]) -> bytes:
         """Refresh the engine gauges (``AsyncLLM.get_stats``), then export."""
-        try:
-            stats = await asyncio.wait_for(get_stats(), 5.0)
-        except Exception:  # noqa: BLE001 - a busy or dead engine must not break /metrics
-            logger.debug("engine gauges unavailable", exc_info=True)
-        else:
-            self.running.labels(self.model_name).set(stats.num_running)
-            self.waiting.labels(self.model_name).set(stats.num_waiting)
-            self.kv_usage.labels(self.model_name).set(stats.kv_cache_usage)
+        gauges = await read_engine_gauges(get_stats)
+        if gauges is not None:
+            running, waiting, usage = gauges
+            self.running.labels(self.model_name).set(running)
+            self.waiting.labels(self.model_name).set(waiting)
+            self.kv_usage.labels(self.model_name).set(usage)
         return generate_latest(self.registry)
+
+
+async def read_engine_gauges(get_stats: Callable[[], Awaitable[EngineStats]],
+                             timeout: float = 5.0) -> tuple[int, int, float] | None:
+    """(running, waiting, KV-cache usage in [0, 1]) read between steps (``AsyncLLM.get_stats``);
+    None when the engine does not answer within ``timeout`` or is gone."""
+    try:
+        s = await asyncio.wait_for(get_stats(), timeout)
+        return s.num_running, s.num_waiting, s.kv_cache_usage
+    except Exception:  # noqa: BLE001 - a busy or dead engine must not break the caller
+        logger.debug("engine gauges unavailable", exc_info=True)
+        return None
 
 
 class RequestStats:
@@ -86,7 +100,9 @@ class RequestStats:
         self.start = time.monotonic()
         self.first: float | None = None
         self.last: float | None = None
+        self.num_prompt_tokens, self.num_generation_tokens = num_prompt_tokens, 0
         metrics.prompt_tokens.labels(self.name).inc(num_prompt_tokens)
+        metrics.prompt_tokens_total += num_prompt_tokens
 
     def on_tokens(self, num_tokens: int) -> None:
         if num_tokens <= 0:
@@ -98,7 +114,9 @@ class RequestStats:
         elif self.last is not None:
             self.metrics.itl.labels(self.name).observe((now - self.last) / num_tokens)
         self.last = now
+        self.num_generation_tokens += num_tokens
         self.metrics.generation_tokens.labels(self.name).inc(num_tokens)
+        self.metrics.generation_tokens_total += num_tokens
 
     def on_finish(self, finish_reason: str | None) -> None:
         self.metrics.finished.labels(self.name, finish_reason or "unknown").inc()

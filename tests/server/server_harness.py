@@ -76,10 +76,27 @@ class ScriptedRunner:
         return result, out, prompt_lps
 
 
+def start_uvicorn(app: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """Serve ``app`` on a free loopback port in a thread; (server, thread, base URL)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                            timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
 class ServerHandle:
+    """``app_args``: more build_app keywords (logging switches, default thinking ...)."""
+
     def __init__(self, root: Path, api_key: str | None = None,
                  app_args: dict[str, Any] | None = None, **engine_args: Any) -> None:
-        """``app_args``: extra keyword arguments for ``build_app`` (e.g. default_thinking)."""
         path = checkpoint(root)
         self.tokenizer = Tokenizer.from_pretrained(path)
         engine = EngineArgs(model=str(path), **{**ENGINE_ARGS, **engine_args}).create_engine(
@@ -89,18 +106,7 @@ class ServerHandle:
         self.api_key = api_key
         self.app = build_app(self.llm, self.tokenizer, MODEL, api_key=api_key,
                              **(app_args or {}))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.server, self.thread, self.url = start_uvicorn(self.app)
 
     def client(self, **kw: Any) -> openai.OpenAI:
         kw.setdefault("api_key", self.api_key or "unused")
