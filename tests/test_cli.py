@@ -37,13 +37,13 @@ def test_generate_dtype_flag_reaches_the_model(checkpoint, capsys, monkeypatch):
     from dsv4 import llm as llm_mod
 
     seen = []
-    real = llm_mod.LLM.__init__
+    real = llm_mod.LLM._init
 
     def spy(self, *args, **kwargs):
         real(self, *args, **kwargs)
         seen.append(self.engine.model.compute_dtype)
 
-    monkeypatch.setattr(llm_mod.LLM, "__init__", spy)
+    monkeypatch.setattr(llm_mod.LLM, "_init", spy)
     base = ["generate", "--model", str(checkpoint), "--device", "cpu", "--max-tokens", "2",
             "--max-model-len", "128", "Hello"]
     assert main([*base, "--dtype", "float64"]) == 0
