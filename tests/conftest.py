@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,22 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def pytest_configure(config):
+    """DSV4_TEST_THREADS=N runs the whole session on N torch threads (CI runs the suite once
+    more with 1: results must not depend on how a reduction is split across threads)."""
+    value = os.environ.get("DSV4_TEST_THREADS", "").strip()
+    if not value:
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"DSV4_TEST_THREADS must be a positive integer, got {value!r}")
+    torch.set_num_threads(int(value))
+
+
+def pytest_report_header(config):
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, " \
+           f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -60,3 +77,16 @@ def tiny_model(tiny_checkpoint):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# Bounds for "same logits however chunked or batched" (docs/architecture.md, "Numerics across
+# batch shapes"). fp32 with the FP8/FP4 QAT rounding on has none: a 1-ulp difference between
+# batch shapes can cross a rounding boundary, so tests assert that case in fp64.
+#
+# fp64, rounding on: batch-shape noise is ~1e-16, far below any rounding step, and the model
+# hands its logits out as fp32 (`DeepseekV4ForCausalLM.logits`), so at most an fp32 rounding
+# of a logit moves by one ulp: 2^-23 of the largest logit at worst. Measured: 0.
+FP64_BOUND = 2.0 ** -22
+# fp32, rounding off: within 1.6e-6 of the largest logit (worst over 36 model-level and 13
+# engine-level random checkpoints, AVX2 and scalar kernels, 1 and 2 threads); 6x margin.
+FP32_BOUND = 1e-5

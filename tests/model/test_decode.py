@@ -1,10 +1,15 @@
-"""Chunked prefill and token-by-token decoding equal the full forward, QAT rounding on, ties on."""
+"""Chunked prefill and token-by-token decoding equal the full forward, QAT rounding on, ties on.
+
+What is asserted follows docs/architecture.md, "Numerics across batch shapes": with the FP8/FP4
+rounding on, equality is asserted in fp64 (the exact mode); fp32 is asserted only with the
+rounding off, where no rounding boundary can amplify the ulp-level batch-shape noise.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err, tiny_config
+from conftest import FP32_BOUND, FP64_BOUND, rel_err, tiny_config
 
 import dsv4.model.indexer as indexer_mod
 from dsv4.model import load_model
@@ -47,19 +52,29 @@ def _record_ties(monkeypatch) -> list[int]:
     return ties
 
 
-def test_token_by_token_decode_equals_full_forward(tiny_model, monkeypatch):
-    model = tiny_model(tiny_config(**TIES_CFG), emulate_quant=True)
+# (dtype, emulate_quant, bound): the exact mode with the QAT rounding on, fp32 without it
+MODES = {"fp64-quant": (torch.float64, True, FP64_BOUND),
+         "fp32-noquant": (torch.float32, False, FP32_BOUND)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_token_by_token_decode_equals_full_forward(tiny_model, monkeypatch, mode):
+    dtype, quant, bound = MODES[mode]
+    model = tiny_model(tiny_config(**TIES_CFG), dtype=dtype, emulate_quant=quant)
     ties = _record_ties(monkeypatch)
     ids = torch.randint(0, 512, (2, 45))
     full = model(ids)
     cache = model.new_cache()
     steps = torch.cat([model(ids[:, i:i + 1], cache) for i in range(ids.shape[1])], dim=1)
-    assert sum(ties) > 0, "the test must exercise indexer ties"
-    assert rel_err(steps, full) <= 1e-5
+    if quant:  # the FP4 indexer keys are what make exact ties
+        assert sum(ties) > 0, "the test must exercise indexer ties"
+    assert rel_err(steps, full) <= bound
 
 
-def test_chunked_prefill_equals_full_forward(tiny_model):
-    model = tiny_model(tiny_config(**TIES_CFG), emulate_quant=True)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_chunked_prefill_equals_full_forward(tiny_model, mode):
+    dtype, quant, bound = MODES[mode]
+    model = tiny_model(tiny_config(**TIES_CFG), dtype=dtype, emulate_quant=quant)
     ids = torch.randint(0, 512, (1, 61))
     full = model(ids)
     for chunks in ([1, 60], [7, 9, 13, 32], [16, 16, 16, 13], [3] * 20 + [1]):
@@ -68,12 +83,12 @@ def test_chunked_prefill_equals_full_forward(tiny_model):
             outs.append(model(ids[:, start:start + n], cache))
             start += n
         assert cache.num_tokens == 61
-        assert rel_err(torch.cat(outs, dim=1), full) <= 1e-5, chunks
+        assert rel_err(torch.cat(outs, dim=1), full) <= bound, chunks
 
 
-# checkpoints on which fp32 decoding misses 1e-5 (a 1-ulp difference upstream of the FP8/FP4
-# rounding flips a rounded value); in fp64 every op's batch-shape noise stays far below the
-# rounding steps, so chunked and token-by-token logits equal the full forward's
+# checkpoints on which fp32 decoding with the rounding on missed 1e-5 when measured (a 1-ulp
+# difference upstream of the FP8/FP4 rounding flips a rounded value); in fp64 every op's
+# batch-shape noise stays far below the rounding steps
 FP32_SENSITIVE_SEEDS = (21, 26, 47, 53)
 
 
@@ -87,12 +102,12 @@ def test_fp64_decode_and_chunks_equal_full_forward_with_quant(tiny_checkpoint, s
     full = model(ids)
     cache = model.new_cache()
     steps = torch.cat([model(ids[:, i:i + 1], cache) for i in range(ids.shape[1])], dim=1)
-    assert rel_err(steps, full) <= 1e-5
+    assert rel_err(steps, full) <= FP64_BOUND
     cache, outs, start = model.new_cache(), [], 0
     for n in (7, 9, 13, 16):
         outs.append(model(ids[:1, start:start + n], cache))
         start += n
-    assert rel_err(torch.cat(outs, dim=1), model(ids[:1, :start])) <= 1e-5
+    assert rel_err(torch.cat(outs, dim=1), model(ids[:1, :start])) <= FP64_BOUND
 
 
 def test_quant_emulation_changes_logits(tiny_model):
@@ -105,7 +120,8 @@ def test_quant_emulation_changes_logits(tiny_model):
 
 
 def test_mtp_draft_consistent_between_full_and_incremental(tiny_model):
-    model = tiny_model(tiny_config())
+    # the MTP block's attention rounds its KV too: fp64 makes the bound one the rounding keeps
+    model = tiny_model(tiny_config(), dtype=torch.float64, emulate_quant=True)
     ids = torch.randint(0, 512, (1, 20))
     cache = model.new_cache()
     h = model.hidden_streams(ids, cache)
@@ -115,7 +131,7 @@ def test_mtp_draft_consistent_between_full_and_incremental(tiny_model):
     cache2 = model.new_cache()
     h2 = model.hidden_streams(ids, cache2)
     parts = [model.mtp_logits(h2[:, i:i + 1], next_ids[:, i:i + 1], i, cache2) for i in range(20)]
-    assert rel_err(torch.cat(parts, dim=1), full) <= 1e-5
+    assert rel_err(torch.cat(parts, dim=1), full) <= FP64_BOUND
 
 
 def test_select_topk_equals_stable_sort_definition():

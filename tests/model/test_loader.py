@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import rel_err, tiny_config
+from conftest import FP32_BOUND, rel_err, tiny_config
 from safetensors.torch import load_file, save_file
 
 from dsv4.model import CheckpointError, load_model, random_state_dict, write_checkpoint
@@ -30,11 +30,15 @@ def test_weights_stay_in_checkpoint_precision(tiny_checkpoint):
 
 def test_dtype_option_expands_weights_with_same_logits(tiny_checkpoint):
     path = tiny_checkpoint()
-    packed = load_model(path, device="cpu", progress=False)
-    dense = load_model(path, device="cpu", dtype=torch.float32, progress=False)
+    # the same fp32 weights and matmul shapes: equal to 0 where measured; without the QAT
+    # rounding a kernel that summed in another order could not turn that into more than the
+    # documented fp32 noise
+    packed = load_model(path, device="cpu", emulate_quant=False, progress=False)
+    dense = load_model(path, device="cpu", dtype=torch.float32, emulate_quant=False,
+                       progress=False)
     assert all(m.fmt == "dense" for m in dense.modules() if isinstance(m, Linear))
     ids = torch.randint(0, 512, (1, 17))
-    assert rel_err(dense(ids), packed(ids)) <= 1e-6
+    assert rel_err(dense(ids), packed(ids)) <= FP32_BOUND
 
 
 def test_base_style_fp8_experts_with_float32_scales(tiny_checkpoint):

@@ -15,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from server_harness import MODEL, ServerHandle, checkpoint
 
 from dsv4.server import launch
@@ -26,7 +27,10 @@ NO_THINK = {"thinking": {"type": "disabled"}}
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    handle = ServerHandle(tmp_path_factory.getbasetemp(), api_key=KEY)
+    # fp64, the exact mode: test_completions compares a prompt's logprob with the same token
+    # generated, and a batch with a request alone; in fp32 with the QAT rounding on a 1-ulp
+    # difference between batch shapes can flip an FP8 rounding (docs/architecture.md)
+    handle = ServerHandle(tmp_path_factory.getbasetemp(), api_key=KEY, dtype=torch.float64)
     yield handle
     handle.stop()
 
