@@ -1,10 +1,13 @@
 """Scheduler: continuous batching on one token budget (vLLM v1 style), CPU only.
 
-Each ``schedule()`` fills ``max_num_batched_tokens`` with running requests first (decodes and
-unfinished prefill chunks alike: a request just advances ``num_computed_tokens`` toward
-``num_tokens``), then admits waiting requests FCFS while ``max_num_seqs`` allows. When blocks run
-out, the most recently admitted running request is preempted (blocks freed, recomputed later,
-put at the front of the queue); no request is ever dropped. ``update_from_output`` appends
+Each ``schedule()`` fills ``max_num_batched_tokens`` so that a short request is not stuck behind
+a long prompt: running decodes first, then running prefill chunks (a request just advances
+``num_computed_tokens`` toward ``num_tokens``) up to ``long_prefill_token_threshold`` tokens,
+then waiting requests FCFS while ``max_num_seqs`` allows (each at most the threshold, so a short
+prompt fits whole next to a long one), and what is left tops up the unfinished prefills. A long
+prefill thus advances every step and takes the whole budget when nobody else wants it. When
+blocks run out, the most recently admitted running request is preempted (blocks freed, recomputed
+later, put at the front of the queue); no request is ever dropped. ``update_from_output`` appends
 sampled tokens, applies stop conditions and frees finished requests. Not thread-safe: call
 ``add_request`` / ``abort_requests`` between steps. It never touches tensors or text.
 """
@@ -30,9 +33,19 @@ logger = logging.getLogger(__name__)
 class Scheduler:
     """Owns the request queues; the BlockManager owns the blocks they hold."""
 
-    def __init__(self, engine_config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, engine_config: EngineConfig, block_manager: BlockManager,
+                 long_prefill_token_threshold: int | None = None) -> None:
         self.config = engine_config
         self.block_manager = block_manager
+        # the most tokens prefills take in a step before waiting requests are considered (and
+        # the most one waiting request takes at admission); None: half the budget. A value >=
+        # max_num_batched_tokens gives the old order: a running prefill takes the whole budget.
+        if long_prefill_token_threshold is None:
+            long_prefill_token_threshold = max(1, engine_config.max_num_batched_tokens // 2)
+        if not isinstance(long_prefill_token_threshold, int) or long_prefill_token_threshold < 1:
+            raise ValueError(f"long_prefill_token_threshold must be a positive integer, got "
+                             f"{long_prefill_token_threshold!r}")
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         # a running request needs a compressor-state slot: the memory plan may give fewer
         self.max_num_seqs = min(engine_config.max_num_seqs, block_manager.num_state_slots)
         self.waiting: deque[Request] = deque()
@@ -111,40 +124,73 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         """Pick this step's requests and token counts; allocate their blocks; advance their
-        ``num_computed_tokens`` by the tokens scheduled (the runner computes them this step)."""
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Request, int]] = []
+        ``num_computed_tokens`` by the tokens scheduled (the runner computes them this step).
+
+        Three passes over one token budget: (1) every running decode, then the running prefills
+        (oldest first) up to ``long_prefill_token_threshold`` tokens between them, so a long
+        prefill always advances; (2) waiting requests FCFS, each at most the threshold, so a
+        short prompt fits whole beside a long one; (3) whatever budget is left tops up the
+        unfinished prefills, oldest first. Rows come out in admission order."""
+        plan = _StepPlan(self.config.max_num_batched_tokens)
         preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            assert num_new > 0, f"{req} has nothing to compute"
-            while not self.block_manager.allocate(req.request_id, req.num_computed_tokens,
-                                                  num_new):
-                victim = self.running.pop()  # latest admitted; never one already scheduled
-                self._preempt(victim)
-                preempted = True
-                if victim is req:
-                    break
+        decodes = [(r, False) for r in self.running if self._num_left(r) == 1]
+        prefills = [(r, True) for r in self.running if self._num_left(r) > 1]
+        share = self.long_prefill_token_threshold  # running prefills' tokens before admission
+        for req, is_prefill in decodes + prefills:
+            if plan.budget == 0:
+                break
             if req.status != RequestStatus.RUNNING:
-                break  # req preempted itself: nothing behind it fits either
-            scheduled.append((req, num_new))
-            budget -= num_new
-            i += 1
+                continue  # preempted earlier in this pass
+            num_new = min(self._num_left(req), plan.budget)
+            if is_prefill:
+                num_new = min(num_new, share)
+                if num_new == 0:
+                    continue  # an older prefill took the share; pass (3) may top it up
+                share -= num_new
+            preempted |= not self._allocate_running(plan, req, num_new)
         # admit waiting requests, unless this step had to preempt (avoid thrashing)
-        while (not preempted and self.waiting and budget > 0
+        while (not preempted and self.waiting and plan.budget > 0
                and len(self.running) < self.max_num_seqs):
             req = self.waiting[0]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(self._num_left(req), self.long_prefill_token_threshold, plan.budget)
             if not self.block_manager.allocate(req.request_id, req.num_computed_tokens, num_new):
                 break  # FCFS: later requests wait behind the head
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append((req, num_new))
-            budget -= num_new
-        return self._make_batch(scheduled)
+            plan.add(req, num_new)
+        # top up unfinished prefills (the admitted ones too) with what is left; never preempts
+        for req in self.running:
+            if plan.budget == 0:
+                break
+            have = plan.tokens.get(req.request_id, 0)
+            more = min(self._num_left(req) - have, plan.budget)
+            if more > 0 and self.block_manager.allocate(
+                    req.request_id, req.num_computed_tokens, have + more):
+                plan.add(req, more)
+        return self._make_batch([(r, plan.tokens[r.request_id]) for r in self.running
+                                 if r.request_id in plan.tokens])
+
+    def _allocate_running(self, plan: _StepPlan, req: Request, num_new: int) -> bool:
+        """Blocks for ``num_new`` more tokens of running ``req``, preempting the latest admitted
+        requests (unscheduling them if this step already had them) until they fit. Returns
+        False when something was preempted."""
+        have = plan.tokens.get(req.request_id, 0)
+        clean = True
+        while not self.block_manager.allocate(req.request_id, req.num_computed_tokens,
+                                              have + num_new):
+            victim = self.running.pop()
+            plan.drop(victim)
+            self._preempt(victim)
+            clean = False
+            if victim is req:
+                return False
+        plan.add(req, num_new)
+        return clean
+
+    @staticmethod
+    def _num_left(req: Request) -> int:
+        return req.num_tokens - req.num_computed_tokens
 
     def _make_batch(self, scheduled: list[tuple[Request, int]]) -> ScheduledBatch:
         bm = self.block_manager
@@ -232,3 +278,19 @@ class Scheduler:
         self.block_manager.free(req.request_id)
         del self.requests[req.request_id]
         self._finished_req_ids.append(req.request_id)
+
+
+class _StepPlan:
+    """Tokens given to each request so far in one ``schedule()`` call, and the budget left."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.tokens: dict[str, int] = {}
+
+    def add(self, req: Request, num_new: int) -> None:
+        self.tokens[req.request_id] = self.tokens.get(req.request_id, 0) + num_new
+        self.budget -= num_new
+
+    def drop(self, req: Request) -> None:
+        """Unschedule a request preempted after it was given tokens: its budget comes back."""
+        self.budget += self.tokens.pop(req.request_id, 0)

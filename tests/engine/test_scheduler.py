@@ -76,12 +76,13 @@ class MockRunner:
         return out
 
 
-def make_scheduler(swa=64, csa=64, hca=64, slots=8, **engine) -> Scheduler:
+def make_scheduler(swa=64, csa=64, hca=64, slots=8, long_prefill_token_threshold=None,
+                   **engine) -> Scheduler:
     kw = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=32, block_size=B)
     kw.update(engine)
     specs = build_cache_specs(tiny_config(), "bf16")
     bm = BlockManager(specs, B, {"swa": swa, "csa": csa, "hca": hca}, slots)
-    return Scheduler(EngineConfig(**kw), bm)
+    return Scheduler(EngineConfig(**kw), bm, long_prefill_token_threshold)
 
 
 def add(sched: Scheduler, rid: str, prompt_len: int, max_tokens: int, seed: int = 0,
@@ -306,3 +307,123 @@ def test_batch_is_picklable():
     assert clone == batch
     assert clone.positions() == list(range(20)) + list(range(3))
     assert clone.sample_indices == [0, 1] and clone.logits_indices() == [19, 22]
+
+
+# ---- fairness: a short request is not stuck behind a long prefill -------------------------------
+@pytest.mark.parametrize("threshold", [None, 64])  # None: the default (half); 64: the old order
+def test_short_request_during_long_prefill(threshold):
+    sched = make_scheduler(max_model_len=512, max_num_batched_tokens=64,
+                           long_prefill_token_threshold=threshold)
+    runner = MockRunner(sched)
+    long = add(sched, "long", 300, 2)
+    batch = sched.schedule()
+    assert batch.num_scheduled_tokens == [64]  # alone, a long prefill takes the whole budget
+    sched.update_from_output(batch, runner.execute(batch))
+    short = add(sched, "short", 2, 3)
+    steps = 0
+    while short.num_output_tokens == 0:
+        batch = sched.schedule()
+        steps += 1
+        assert "long" in batch.req_ids  # the long prefill advances every step
+        sched.update_from_output(batch, runner.execute(batch))
+    if threshold is None:
+        assert steps == 1 and batch.req_ids == ["long", "short"]
+        assert batch.num_scheduled_tokens == [62, 2] and batch.do_sample == [False, True]
+    else:  # old order: the short one waits until the last chunk of the long prompt
+        assert steps == 4 and long.num_output_tokens == 1
+    run(sched, runner)
+    for req in (long, short):
+        assert req.output_token_ids == reference(req.prompt_token_ids,
+                                                 req.sampling_params.max_tokens)
+
+
+def test_short_request_behind_a_waiting_long_one():
+    sched = make_scheduler(max_model_len=512, max_num_batched_tokens=64)
+    runner = MockRunner(sched)
+    add(sched, "long", 300, 2)
+    add(sched, "short", 5, 2)
+    batch = sched.schedule()  # FCFS admission, but the long head takes at most half at first
+    assert batch.req_ids == ["long", "short"] and batch.num_scheduled_tokens == [59, 5]
+    assert batch.do_sample == [False, True]
+    sched.update_from_output(batch, runner.execute(batch))
+    batch = sched.schedule()
+    assert batch.req_ids == ["long", "short"] and batch.num_scheduled_tokens == [63, 1]
+
+
+@pytest.mark.parametrize("budget", [24, 8])  # 8: decodes + half the budget can exceed it
+def test_decodes_first_prefills_advance_budget_kept(budget):
+    """Random arrivals of short and long prompts: every step schedules every decode before any
+    prefill chunk, the oldest unfinished prefill advances, the budget is never exceeded (the
+    MockRunner checks), and every output is right."""
+    rng = random.Random(5)
+    sched = make_scheduler(swa=128, csa=128, hca=128, slots=8, max_model_len=512,
+                           max_num_seqs=6, max_num_batched_tokens=budget)
+    runner = MockRunner(sched)
+    arrivals = sorted((rng.randrange(40), i) for i in range(24))
+    reqs, step, full, mixed = [], 0, 0, 0
+    while arrivals or sched.has_unfinished_requests():
+        while arrivals and arrivals[0][0] <= step:
+            _, i = arrivals.pop(0)
+            n = rng.choice([1, 2, 3, 5, 80, 150])
+            reqs.append(add(sched, f"r{i}", n, rng.randrange(1, 12)))
+        step += 1
+        left = {r.request_id: r.num_tokens - r.num_computed_tokens for r in sched.running}
+        decoding = {rid for rid, n in left.items() if n == 1}
+        prefilling = [rid for rid, n in left.items() if n > 1]  # admission order
+        batch = sched.schedule()
+        assert not batch.preempted_req_ids
+        assert decoding <= set(batch.req_ids)
+        if prefilling:
+            assert prefilling[0] in batch.req_ids
+        in_batch = set(batch.req_ids)  # rows in admission order
+        assert batch.req_ids == [r.request_id for r in sched.running if r.request_id in in_batch]
+        full += batch.total_num_scheduled_tokens == budget
+        mixed += bool(decoding) and bool(prefilling) and len(in_batch - decoding) > 1
+        sched.update_from_output(batch, runner.execute(batch))
+        assert step < 1000
+    assert len(reqs) == 24 and sched.block_manager.all_free()
+    assert full > 10 and mixed > 10  # the budget was contended
+    for req in reqs:
+        assert req.output_token_ids == reference(req.prompt_token_ids,
+                                                 req.sampling_params.max_tokens)
+
+
+def test_decodes_go_before_prefill_chunks():
+    sched = make_scheduler(max_num_batched_tokens=12)
+    runner = MockRunner(sched)
+    for rid, n in (("p", 100), ("d1", 2), ("d2", 2), ("d3", 2)):
+        add(sched, rid, n, 5)
+    batch = sched.schedule()
+    assert batch.num_scheduled_tokens == [6, 2, 2, 2]  # the long head took its half
+    sched.update_from_output(batch, runner.execute(batch))
+    sched.long_prefill_token_threshold = 12  # even a prefill allowed the whole budget
+    batch = sched.schedule()  # comes after the decodes of the newer requests
+    assert batch.req_ids == ["p", "d1", "d2", "d3"] and batch.num_scheduled_tokens == [9, 1, 1, 1]
+
+
+def test_preemption_unschedules_a_decode_for_an_older_prefill():
+    # 4 usable csa/hca blocks of 16 tokens: "p" (60 tokens) needs all of them to finish
+    sched = make_scheduler(swa=64, csa=5, hca=5, max_num_batched_tokens=32)
+    runner = MockRunner(sched)
+    p = add(sched, "p", 60, 4)
+    d = add(sched, "d", 2, 20)
+    batch = sched.schedule()
+    assert batch.req_ids == ["p", "d"] and batch.num_scheduled_tokens == [30, 2]
+    sched.update_from_output(batch, runner.execute(batch))
+    batch = sched.schedule()  # d decodes; p gets its share, the top-up finds no block
+    assert batch.req_ids == ["p", "d"] and batch.num_scheduled_tokens == [16, 1]
+    sched.update_from_output(batch, runner.execute(batch))
+    batch = sched.schedule()  # p's last chunk needs d's block: d is unscheduled and preempted
+    assert batch.req_ids == ["p"] and batch.num_scheduled_tokens == [14]
+    assert batch.preempted_req_ids == ["d"] and d.status == RequestStatus.PREEMPTED
+    sched.update_from_output(batch, runner.execute(batch))
+    run(sched, runner)
+    for req in (p, d):
+        assert req.output_token_ids == reference(req.prompt_token_ids,
+                                                 req.sampling_params.max_tokens)
+    assert sched.block_manager.all_free()
+
+
+def test_rejects_bad_threshold():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        make_scheduler(long_prefill_token_threshold=0)
