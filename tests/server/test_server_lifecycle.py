@@ -99,3 +99,35 @@ def test_a_huge_prompt_does_not_stall_other_streams_or_health(srv):
     assert gap <= base_gap + 0.5, (gap, base_gap)
     assert health <= base_health + 0.5, (health, base_health)
     assert srv.wait_idle()
+
+
+def test_shutdown_ends_streams_with_an_error_event_and_non_streams_with_503(tmp_path):
+    import json
+
+    handle = ServerHandle(tmp_path)
+    try:
+        handle.runner.script = lambda prompt: None  # real sampling: long outputs
+        body = {"model": MODEL, "prompt": "go", "max_tokens": 1000, "ignore_eos": True}
+        results: dict[str, object] = {}
+
+        def non_stream() -> None:
+            with handle.http() as http:
+                results["plain"] = http.post("/v1/completions", json=body)
+
+        plain = threading.Thread(target=non_stream)
+        with handle.http() as http, http.stream("POST", "/v1/completions",
+                                                json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(lines)
+            plain.start()
+            time.sleep(0.5)
+            handle.llm.begin_shutdown()
+            rest = [line for line in lines if line.startswith("data:")]
+        plain.join(30)
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][len("data:"):])["error"]
+        assert "shutting down" in error["message"] and error["type"] == "server_error"
+        reply = results["plain"]
+        assert reply.status_code == 503 and "shutting down" in reply.json()["error"]["message"]
+    finally:
+        handle.stop()
