@@ -7,7 +7,6 @@ it runs with no download and no GPU. Subcommands parse their own flags and impor
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
@@ -36,10 +35,15 @@ def _generate(argv: list[str]) -> int:
     from dsv4.llm import LLM
     from dsv4.sampling_params import SamplingParams
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("dsv4: %(message)s"))
-    logging.getLogger("dsv4").addHandler(handler)  # the KV-cache size and capacity line
-    logging.getLogger("dsv4").setLevel(logging.INFO)
+    from dsv4.device import DeviceError, resolve_device
+    from dsv4.logs import log_to_stderr
+
+    try:
+        resolve_device(args.device)  # before anything is built or loaded
+    except DeviceError as exc:
+        print(f"dsv4 generate: {exc.for_flag('--device')}", file=sys.stderr)
+        return 1
+    log_to_stderr()  # the KV-cache size and capacity line
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)

@@ -16,7 +16,8 @@ PKG = Path(__file__).resolve().parents[1] / "dsv4"
 
 # lowest first; a module's layer is that of its longest matching prefix
 LAYERS = [
-    ("dsv4.config", "dsv4.errors", "dsv4.env", "dsv4.quant", "dsv4.sampling_params",
+    ("dsv4.config", "dsv4.errors", "dsv4.env", "dsv4.device", "dsv4.logs", "dsv4.quant",
+     "dsv4.sampling_params",
      "dsv4.tokenizer", "dsv4.encoding", "dsv4.detokenizer"),
     ("dsv4.model", "dsv4.cache", "dsv4.demo"),
     ("dsv4.engine",),
@@ -28,7 +29,7 @@ LAYERS = [
 SERVER_MAY_IMPORT = ("dsv4.async_llm", "dsv4.engine.outputs", "dsv4.engine_args",
                      "dsv4.errors", "dsv4.input_processor", "dsv4.output_processor",
                      "dsv4.sampling_params", "dsv4.tokenizer", "dsv4.encoding", "dsv4.env",
-                     "dsv4.demo", "dsv4.server")
+                     "dsv4.demo", "dsv4.device", "dsv4.logs", "dsv4.server")
 
 
 def module_name(path: Path) -> str:

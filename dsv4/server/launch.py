@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging.config
+import logging
 import signal
 import socket
 import sys
@@ -25,6 +25,7 @@ from uvicorn.config import LOGGING_CONFIG
 
 from dsv4.async_llm import AsyncLLM
 from dsv4.engine_args import EngineArgs
+from dsv4.logs import log_to_stderr
 from dsv4.server.bind import bind_socket
 
 __all__ = ["build_parser", "main"]
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsv4 serve: {exc}", file=sys.stderr)
         return 1
     engine_args.model = str(path)
-    logging.config.dictConfig(_log_config(args.log_level))  # the load's KV-cache line shows
+    log_to_stderr(getattr(logging, args.log_level.upper()))  # the load's KV-cache line
     names = args.served_model_name or [default_name]
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading: stop cleanly
     try:

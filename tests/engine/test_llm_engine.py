@@ -245,12 +245,14 @@ def test_blocks_free_after_finish_and_abort(tiny_checkpoint):
     eng = llm.engine
     eng.add_request("a", prompts_of([20])[0], SamplingParams(max_tokens=50, **GREEDY))
     eng.add_request("b", prompts_of([9])[0], SamplingParams(max_tokens=3, **GREEDY))
-    eng.add_request("c", prompts_of([12])[0], SamplingParams(max_tokens=50, n=2))
+    for i in range(2):  # n=2 as the processors fan it out: one engine request per completion
+        eng.add_request(f"c-{i}", prompts_of([12])[0], SamplingParams(max_tokens=50, seed=i))
     for _ in range(4):
         eng.step()
     assert not eng.block_manager.all_free()
     eng.abort_request("a")
-    eng.abort_request("c")
+    eng.abort_request("c-0")
+    eng.abort_request("c-1")
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.block_manager.all_free()

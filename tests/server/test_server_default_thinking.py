@@ -81,7 +81,7 @@ def test_a_mode_named_in_the_request_wins(srv, spelling):
 
 def test_serve_flag_reaches_the_app(tmp_path_factory, monkeypatch):
     apps = []
-    monkeypatch.setattr(launch._Server, "run", lambda self: apps.append(self.config.app))
+    monkeypatch.setattr(launch._Server, "run", lambda self, **kw: apps.append(self.config.app))
     path = checkpoint(tmp_path_factory.getbasetemp())
     base = [str(path), "--device", "cpu", "--max-model-len", "256", "--kv-cache-memory",
             "32MiB", "--log-level", "warning"]

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,12 +109,10 @@ def test_stats_logger_line_and_rates():
     metrics = ServerMetrics("m")
     gauges = SimpleNamespace(num_running=2, num_waiting=1, kv_cache_usage=0.125)
 
-    def run(fn) -> Future:
-        done: Future = Future()
-        done.set_result(fn(SimpleNamespace(scheduler=gauges)))
-        return done
+    async def get_stats():
+        return gauges
 
-    logger = StatsLogger(metrics, run, interval=10.0)
+    logger = StatsLogger(metrics, get_stats, interval=10.0)
     stats = RequestStats(metrics, 30)
     stats.on_tokens(5)
     line = asyncio.run(logger.log_once())
@@ -127,7 +124,7 @@ def test_stats_logger_line_and_rates():
     assert asyncio.run(logger.log_once()) is not None  # the drain line
     assert asyncio.run(logger.log_once()) is None  # idle: silent
     with pytest.raises(ValueError, match="interval"):
-        StatsLogger(metrics, run, interval=0)
+        StatsLogger(metrics, get_stats, interval=0)
 
 
 def test_logging_switched_off(srv, caplog):
