@@ -137,11 +137,10 @@ class LLMEngine:
             raise StepError(failed, exc) from exc
         for request_id, (start, t) in prompt_lps.items():
             self._collect_prompt_logprobs(request_id, start, t)
-        prompt_len = {r: len(p) for r, p in zip(batch.req_ids, batch.prompt_token_ids)}
-        self._num_prompt_tokens += sum(
-            max(0, min(n, prompt_len[r] - start))
-            for r, start, n in zip(batch.req_ids, batch.num_computed_tokens,
-                                   batch.num_scheduled_tokens))
+        self._num_prompt_tokens += sum(  # prompt positions computed this step
+            max(0, min(len(ids), len(prompt) - start))
+            for prompt, start, ids in zip(batch.prompt_token_ids, batch.num_computed_tokens,
+                                          batch.token_ids))
         step_outputs = self.scheduler.update_from_output(batch, sampled)
         self._num_generation_tokens += sum(len(so.new_token_ids) for so in step_outputs)
         rows = {batch.req_ids[r]: k for k, r in enumerate(batch.sample_indices)}
