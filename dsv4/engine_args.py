@@ -152,11 +152,12 @@ class EngineArgs:
                                    help=meta["help"])
                 continue
             kwargs = {k: meta[k] for k in ("type", "choices", "metavar") if meta.get(k)}
-            shown = "" if f.default is None else f" (default: {f.default})"
+            help = meta["help"]
+            if f.default is not None and "default:" not in help:
+                help += f" (default: {f.default})"
             if meta.get("type") is parse_bytes:
                 kwargs["type"] = _cli_bytes
-            group.add_argument(flag, default=f.default, help=meta["help"] + shown
-                               if "default:" not in meta["help"] else meta["help"], **kwargs)
+            group.add_argument(flag, default=f.default, help=help, **kwargs)
         return parser
 
     @classmethod
