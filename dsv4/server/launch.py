@@ -140,10 +140,12 @@ def _serve(args: argparse.Namespace, engine_args: EngineArgs, names: list[str],
 
 def _log_config(level: str) -> dict:
     """uvicorn's logging setup plus the dsv4 loggers (access, stats, errors) on its stderr
-    handler and format, at --log-level; without it their INFO lines would go nowhere."""
+    handler and format, at --log-level; without it their INFO lines would go nowhere. They
+    still propagate: the root logger has no handler in `dsv4 serve` (nothing prints twice), and
+    whoever adds one there (a test's log capture, an embedding app) sees every record."""
     config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["dsv4"] = {"handlers": ["default"], "level": level.upper(),
-                                 "propagate": False}
+                                 "propagate": True}
     return config
 
 

@@ -135,8 +135,10 @@ def test_logging_switched_off(srv, caplog):
     try:
         with httpx.Client(base_url=url, timeout=60) as http:
             assert _chat(http, max_tokens=4).status_code == 200
-        # the module's server shares the engine and logs its load (from its own thread)...
-        assert _wait_for(lambda: any(r.name == "dsv4.stats" and r.thread == srv.thread.ident
+        with srv.http() as http:
+            assert _chat(http, max_tokens=4).status_code == 200
+        # the module's server, logging on, wrote its access line (from its own thread)...
+        assert _wait_for(lambda: any(r.name == "dsv4.access" and r.thread == srv.thread.ident
                                      for r in caplog.records))
         time.sleep(5 * INTERVAL)
     finally:
