@@ -6,6 +6,11 @@ entries: top-k picked by the indexer (csa) or all visible ones (hca). Window and
 compete in one softmax whose denominator also holds a per-head sink. The output's rope dims are
 de-rotated at the query position, then projected by the grouped low-rank wo_a / wo_b.
 Attention reads keys through index lists (gather), never a dense mask over the whole context.
+
+Under tensor parallelism (as in the reference) a rank holds H/tp query heads with their sinks,
+o_groups/tp output groups (wo_a rows) and the matching wo_b columns; wq_a, the K=V projection,
+the norms and the compressors are whole on every rank. wo_b's partial sums meet in one
+all-reduce, in at least fp32.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.cache_store import BatchedLayerStore, LayerStore
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
 from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize, upcast
-from dsv4.model.linear import Linear
+from dsv4.model.linear import Linear, split
 from dsv4.quant import fake_quant_kv
 
 __all__ = ["Attention", "Segment", "DecodeRows", "Gathered", "Shared", "sparse_attention",
@@ -139,28 +145,35 @@ def sparse_attention(q: torch.Tensor, sources: list[Gathered | Shared], sink: to
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, ratio: int, rope: RotaryEmbedding | None = None
-                 ) -> None:
+    def __init__(self, config: ModelConfig, ratio: int, rope: RotaryEmbedding | None = None,
+                 parallel: ParallelContext | None = None) -> None:
         super().__init__()
         fmt = "fp8" if config.weight_dtype == "fp8" else "dense"
         sdt = torch.float8_e8m0fnu if config.scale_fmt == "ue8m0" else torch.float32
         self.config, self.ratio = config, ratio
-        self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.tp = (parallel or ParallelContext.single()).tp
+        # this rank's heads and output groups
+        self.n_heads = config.num_attention_heads // self.tp.size
+        self.n_groups = config.o_groups // self.tp.size
+        self.head_dim = config.head_dim
         self.window = config.sliding_window
         self.scale = config.head_dim**-0.5
+        rows, cols = split(self.tp, 0), split(self.tp, 1)
         self.wq_a = Linear(config.hidden_size, config.q_lora_rank, fmt, sdt)
         self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, fmt, sdt)
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, fmt, sdt, rows)
         self.wkv = Linear(config.hidden_size, self.head_dim, fmt, sdt)
         self.kv_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        group_in = self.n_heads * self.head_dim // config.o_groups
-        self.wo_a = Linear(group_in, config.o_groups * config.o_lora_rank, fmt, sdt)
-        self.wo_b = Linear(config.o_groups * config.o_lora_rank, config.hidden_size, fmt, sdt)
+        group_in = config.num_attention_heads * self.head_dim // config.o_groups
+        self.wo_a = Linear(group_in, self.n_groups * config.o_lora_rank, fmt, sdt, rows)
+        self.wo_b = Linear(self.n_groups * config.o_lora_rank, config.hidden_size, fmt, sdt,
+                           cols)
         self.attn_sink = nn.Parameter(torch.empty(self.n_heads), requires_grad=False)
+        self.shards = {"attn_sink": rows} if rows else {}
         self.rope = rope or RotaryEmbedding(config, compressed=ratio > 0)
         self.compressor = (Compressor(config, ratio, self.head_dim, rotate=False, rope=self.rope)
                            if ratio else None)
-        self.indexer = Indexer(config, self.rope, fmt) if ratio == 4 else None
+        self.indexer = Indexer(config, self.rope, fmt, self.tp) if ratio == 4 else None
         self.emulate_quant = True
 
     def forward(self, x: torch.Tensor, segments: list[Segment | DecodeRows],
@@ -189,6 +202,8 @@ class Attention(nn.Module):
                 i = seg.index
                 o[0, i] = self._attend_rows(x[0, i], q[0, i], q_lora[0, i], kv[0, i],
                                             seg.positions, seg.store)
+                continue
+            if seg.end == seg.begin:  # an idle data-parallel rank's empty step
                 continue
             sl = slice(seg.begin, seg.end)
             o[:, sl] = self._attend(x[:, sl], q[:, sl], q_lora[:, sl], kv[:, sl],
@@ -221,6 +236,9 @@ class Attention(nn.Module):
                 key_storage, key_slots, key_decode = store.indexer.entry_slots(n_entries)
                 keys = _read(key_storage[:, key_slots], key_decode)
         ids = torch.arange(n_entries, device=x.device)
+        chosen = None  # csa past top-k: entry ids per query, picked for the whole chunk at once
+        if dense is None and n_entries:
+            chosen = self.indexer.select(x, q_lora, positions[None], keys)
         outs = []
         step = self.window  # queries per chunk; each sees at most 2 * window - 1 window keys
         if dense is None and n_entries:
@@ -238,7 +256,7 @@ class Attention(nn.Module):
                 if dense is not None:
                     sources.append(Shared(dense, visible.unsqueeze(0)))
                 else:
-                    idx = self.indexer.select(x[:, s:e], q_lora[:, s:e], pos[None], keys)
+                    idx = chosen[:, s:e]
                     slot_idx = torch.where(idx >= 0, slots[idx.clamp_min(0)], idx)
                     sources.append(Gathered(storage, slot_idx, decode))
             outs.append(sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
@@ -271,11 +289,14 @@ class Attention(nn.Module):
         return sparse_attention(q.unsqueeze(1), sources, self.attn_sink, self.scale)[:, 0]
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
-        g = self.config.o_groups
+        g = self.n_groups
         o = o.flatten(2).unflatten(-1, (g, -1))  # [B, T, G, H/G * D]
         wo_a = self.wo_a.dense_weight(o.dtype).unflatten(0, (g, -1))  # [G, R, H/G * D]
         z = torch.einsum("btgi,gri->btgr", o, wo_a)
-        return self.wo_b(z.flatten(2))
+        out = self.wo_b(z.flatten(2))
+        if self.tp.size == 1:
+            return out
+        return self.tp.all_reduce(upcast(out)).to(out.dtype)
 
     def set_emulate_quant(self, on: bool) -> None:
         self.emulate_quant = on

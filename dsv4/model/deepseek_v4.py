@@ -4,6 +4,11 @@ Module and parameter names are the official checkpoint's (architecture.md 4.1), 
 state dict loads by name. `forward(input_ids)` returns logits for every position with no cache;
 `forward(input_ids, cache)` continues a SequenceCache from `cache.num_tokens` (any chunk size).
 The MTP block (architecture.md 2.8) drafts logits for token i+2 from the pre-hc_head streams.
+
+Built with a dsv4.distributed.ParallelContext, the model is one rank's part: attention and MoE
+split as their modules say, and the embedding and head split by vocabulary rows over the
+tensor-parallel group (a lookup outside the rank's rows gives zeros, one all-reduce joins them;
+the head's partial logits are joined by one all-gather). Parameter names stay the checkpoint's.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.attention import Attention, Segment, segment_positions
 from dsv4.model.layers import RMSNorm, RotaryEmbedding
-from dsv4.model.linear import Linear
+from dsv4.model.linear import Linear, split
 from dsv4.model.mhc import hc_head, hc_post, hc_pre
 from dsv4.model.moe import MoE
 from dsv4.model.sequence_cache import SequenceCache
@@ -31,11 +37,12 @@ def _fp32_param(*shape: int) -> nn.Parameter:
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, ratio: int, is_hash: bool,
-                 rope: RotaryEmbedding | None = None) -> None:
+                 rope: RotaryEmbedding | None = None,
+                 parallel: ParallelContext | None = None) -> None:
         super().__init__()
         self.config = config
-        self.attn = Attention(config, ratio, rope)
-        self.ffn = MoE(config, is_hash)
+        self.attn = Attention(config, ratio, rope, parallel)
+        self.ffn = MoE(config, is_hash, parallel)
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         n = config.hc_mult
@@ -63,8 +70,9 @@ class Block(nn.Module):
 class MTPBlock(Block):
     """Multi-token-prediction head: one sliding-window block on top of the trunk's streams."""
 
-    def __init__(self, config: ModelConfig, rope: RotaryEmbedding | None = None) -> None:
-        super().__init__(config, ratio=0, is_hash=False, rope=rope)
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding | None = None,
+                 parallel: ParallelContext | None = None) -> None:
+        super().__init__(config, ratio=0, is_hash=False, rope=rope, parallel=parallel)
         fmt = "fp8" if config.weight_dtype == "fp8" else "dense"
         sdt = torch.float8_e8m0fnu if config.scale_fmt == "ue8m0" else torch.float32
         d, n = config.hidden_size, config.hc_mult
@@ -77,25 +85,49 @@ class MTPBlock(Block):
         self.hc_head_scale = _fp32_param(1)
 
 
+class VocabParallelEmbedding(nn.Embedding):
+    """The embedding rows [rank * V/tp, (rank + 1) * V/tp) of the vocabulary; whole when tp = 1."""
+
+    def __init__(self, vocab_size: int, dim: int, parallel: ParallelContext) -> None:
+        self.tp = parallel.tp
+        super().__init__(vocab_size // self.tp.size, dim)
+        rows = split(self.tp, 0)
+        self.shards = {"weight": rows} if rows else {}
+        self.first = self.tp.rank * (vocab_size // self.tp.size)
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Embeddings of ids, in `dtype` (default: the weight's)."""
+        dtype = dtype or self.weight.dtype
+        if self.tp.size == 1:
+            return super().forward(ids).to(dtype)
+        local = ids - self.first
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = super().forward(local.masked_fill(outside, 0)).to(dtype)
+        return self.tp.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
+
+
 class DeepseekV4ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, emulate_quant: bool = True,
-                 with_mtp: bool = True) -> None:
+                 with_mtp: bool = True, parallel: ParallelContext | None = None) -> None:
         super().__init__()
         self.config = config
+        self.parallel = par = parallel or ParallelContext.single()
         d, n = config.hidden_size, config.hc_mult
-        self.embed = nn.Embedding(config.vocab_size, d)
+        self.embed = VocabParallelEmbedding(config.vocab_size, d, par)
         # one RoPE per flavour for the whole model: a step's cos/sin are computed once, not
         # once per layer (RotaryEmbedding.step)
         ropes = {c: RotaryEmbedding(config, compressed=c) for c in (False, True)}
         self.layers = nn.ModuleList(
-            Block(config, r, config.is_hash_layer(i), ropes[r > 0])
+            Block(config, r, config.is_hash_layer(i), ropes[r > 0], par)
             for i, r in enumerate(config.compress_ratios))
         self.norm = RMSNorm(d, config.rms_norm_eps)
-        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        self.head = nn.Linear(d, config.vocab_size // par.tp.size, bias=False)
+        head_rows = split(par.tp, 0)
+        self.head.shards = {"weight": head_rows} if head_rows else {}
         self.hc_head_fn, self.hc_head_base = _fp32_param(n, n * d), _fp32_param(n)
         self.hc_head_scale = _fp32_param(1)
         self.mtp = nn.ModuleList(
-            MTPBlock(config, ropes[False])
+            MTPBlock(config, ropes[False], par)
             for _ in range(config.num_nextn_predict_layers if with_mtp else 0))
         for p in self.parameters():
             p.requires_grad_(False)
@@ -122,7 +154,8 @@ class DeepseekV4ForCausalLM(nn.Module):
                    layer_segments: Callable[[int], list[Segment]]) -> torch.Tensor:
         """The trunk over input_ids [B, T] whose T axis is split into segments (per layer, by
         `layer_segments(layer_idx)`); returns the streams [B, T, hc_mult, dim]."""
-        x = self.embed(input_ids).to(self.compute_dtype)
+        self.parallel.begin_step(input_ids)
+        x = self.embed(input_ids, self.compute_dtype)
         h = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         positions = None
         for i, block in enumerate(self.layers):
@@ -138,7 +171,8 @@ class DeepseekV4ForCausalLM(nn.Module):
         x = hc_head(h, owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base,
                     c.hc_eps, c.rms_norm_eps)
         x = owner.norm(x)
-        return F.linear(x, self.head.weight.to(x.dtype)).float()
+        return self.parallel.tp.all_gather(F.linear(x, self.head.weight.to(x.dtype)).float(),
+                                           dim=-1)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: SequenceCache | None = None
@@ -154,7 +188,7 @@ class DeepseekV4ForCausalLM(nn.Module):
 
         h [B, T, hc_mult, dim] at positions start_pos..; next_ids [B, T]."""
         block: MTPBlock = self.mtp[depth]
-        e = block.e_proj(block.enorm(self.embed(next_ids).to(h.dtype)))
+        e = block.e_proj(block.enorm(self.embed(next_ids, h.dtype)))
         x = e.unsqueeze(2) + block.h_proj(block.hnorm(h))
         seg = Segment(0, next_ids.shape[1], start_pos, cache.layers[len(self.layers) + depth])
         x = block(x, next_ids, [seg])

@@ -13,12 +13,16 @@ import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.distributed.comm import Comm
 from dsv4.model.compressor import Compressor
 from dsv4.model.layers import RotaryEmbedding, apply_rope, upcast
-from dsv4.model.linear import Linear
+from dsv4.model.linear import Linear, split
 from dsv4.quant import fake_quant_fp4, hadamard
 
 __all__ = ["Indexer", "select_topk"]
+
+# elements of one block's [B, T, heads, E] logits
+_SCORE_BUDGET = 1 << 25
 
 
 def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
@@ -43,31 +47,51 @@ def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Te
 
 
 class Indexer(nn.Module):
-    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, wq_b_fmt: str) -> None:
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, wq_b_fmt: str,
+                 tp: Comm | None = None) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.tp = tp or Comm()
+        self.n_heads = config.index_n_heads // self.tp.size  # this rank's
+        self.head_dim = config.index_head_dim
+        # weights are scaled by the whole model's head count, whatever the split
+        self.weight_scale = self.head_dim**-0.5 * config.index_n_heads**-0.5
         self.topk = config.index_topk
-        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, wq_b_fmt)
-        self.weights_proj = Linear(config.hidden_size, self.n_heads)
+        rows = split(self.tp, 0)
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, wq_b_fmt,
+                           shard=rows)
+        self.weights_proj = Linear(config.hidden_size, self.n_heads, shard=rows)
         self.compressor = Compressor(config, 4, self.head_dim, rotate=True, rope=rope)
         self.rope = rope
         self.emulate_quant = True
 
     def select(self, x: torch.Tensor, q_lora: torch.Tensor, positions: torch.Tensor,
-               keys: torch.Tensor, num_keys: torch.Tensor | None = None) -> torch.Tensor:
+               keys: torch.Tensor) -> torch.Tensor:
         """Pick compressed entries for each query.
 
         x [B, T, dim] (normed layer input), q_lora [B, T, q_lora_rank], positions [B or 1, T],
         keys [B, E, index_head_dim]; returns [B, T, min(k, E)] entry ids, -1 = none.
+        Queries are scored in blocks whose [B, T, heads, E] logits stay under _SCORE_BUDGET
+        elements; under tensor parallelism each block is one all-reduce (one per call, unless
+        T x heads x E passes the budget: a long prefill chunk at a long context).
         """
+        b, t, e = x.shape[0], x.shape[1], keys.shape[1]
+        rows = max(1, _SCORE_BUDGET // max(1, b * self.n_heads * e))
+        if t <= rows:
+            return self._select(x, q_lora, positions, keys)
+        return torch.cat([self._select(x[:, s:s + rows], q_lora[:, s:s + rows],
+                                       positions[:, s:s + rows], keys)
+                          for s in range(0, t, rows)], dim=1)
+
+    def _select(self, x: torch.Tensor, q_lora: torch.Tensor, positions: torch.Tensor,
+                keys: torch.Tensor) -> torch.Tensor:
         q = self.wq_b(q_lora).unflatten(-1, (self.n_heads, self.head_dim))
         cos, sin = self.rope(positions)
         q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
         if self.emulate_quant:
             q = fake_quant_fp4(hadamard(q))
-        weights = upcast(self.weights_proj(x)) * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        weights = upcast(self.weights_proj(x)) * self.weight_scale
         logits = torch.einsum("bthd,bed->bthe", upcast(q), upcast(keys))
-        scores = (logits.relu() * weights.unsqueeze(-1)).sum(dim=2)  # [B, T, E]
+        scores = self.tp.all_reduce((logits.relu() * weights.unsqueeze(-1)).sum(dim=2))  # [B,T,E]
         entry = torch.arange(keys.shape[1], device=x.device)
         visible = entry < ((positions + 1) // 4).unsqueeze(-1)  # [B or 1, T, E]
         return select_topk(scores, visible.expand_as(scores), self.topk)

@@ -5,6 +5,10 @@ ue8m0 scale) and "dense" (a plain float weight). Keeping the release's bytes in 
 a V4-Flash fit in about its on-disk size; the price is a dequantization per call, which is the
 place where fused FP8/FP4 GEMM kernels plug in later. Attribute names follow the checkpoint
 (`weight`, `scale`) so loading is a plain name map.
+
+A tensor-parallel rank holds one part of a stored weight: `shard=(dim, parts, index)` says which
+(part `index` of `parts` equal parts along `dim` of the stored weight, and of its scale, which
+dsv4.distributed.ParallelConfig.check keeps on block boundaries). The loader reads just that part.
 """
 
 from __future__ import annotations
@@ -13,18 +17,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.distributed.comm import Comm
 from dsv4.quant import dequant_fp4, dequant_fp8
 
-__all__ = ["Linear", "FORMAT_DTYPES"]
+__all__ = ["Linear", "FORMAT_DTYPES", "Shard", "split"]
 
 FORMAT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp4": torch.int8}
+
+# (dim, parts, index): part `index` of `parts` equal parts along `dim` of a stored tensor
+Shard = tuple[int, int, int]
+
+
+def split(comm: Comm, dim: int) -> Shard | None:
+    """This rank's part along `dim` when a tensor is split over `comm` (None: not split)."""
+    return (dim, comm.size, comm.rank) if comm.size > 1 else None
 
 
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, fmt: str = "dense",
-                 scale_dtype: torch.dtype = torch.float8_e8m0fnu) -> None:
+                 scale_dtype: torch.dtype = torch.float8_e8m0fnu, shard: Shard | None = None
+                 ) -> None:
+        """in_features / out_features: this rank's part (the stored weight's, unsharded)."""
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        # what the loader slices from the stored tensors (read by dsv4.model.loader)
+        self.shards: dict[str, Shard] = (
+            {"weight": shard, "scale": shard} if shard and shard[1] > 1 else {})
         if fmt == "fp8":
             self.weight = nn.Parameter(
                 torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),

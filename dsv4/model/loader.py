@@ -5,11 +5,17 @@ config.json; never pickles, never code from the checkpoint directory. The model 
 meta device and each parameter is materialised straight from its stored tensor, so FP8 / FP4
 weights stay FP8 / FP4 in memory. Missing, unexpected or mis-shaped tensors fail with the name
 and the expected shape.
+
+With a ParallelContext the model is one rank's part, and the loader reads only that part: a split
+tensor through `safe_open(...).get_slice` (just its rows or columns, FP8/FP4 bytes as stored),
+another rank's routed experts not at all. transformers-named checkpoints (the test oracle's
+format, with experts merged into 3-D tensors) are read whole and then cut.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -18,8 +24,9 @@ from tqdm.auto import tqdm
 
 from dsv4.config import ModelConfig
 from dsv4.device import resolve_device
+from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
-from dsv4.model.linear import Linear
+from dsv4.model.linear import Linear, Shard
 from dsv4.model.names import is_hf_naming, official_items, released_in_fp32
 
 __all__ = ["load_model", "checkpoint_files", "CheckpointError"]
@@ -45,7 +52,8 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 def load_model(path: str | Path, *, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, emulate_quant: bool = True,
-               progress: bool = True) -> DeepseekV4ForCausalLM:
+               progress: bool = True, parallel: ParallelContext | None = None
+               ) -> DeepseekV4ForCausalLM:
     """Load a checkpoint (official or transformers naming).
 
     device: "cpu" (fp32 compute) or "cuda" (bf16 compute); default: cuda when available. A
@@ -53,11 +61,14 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
     dtype: expand every weight to this dtype at load (more memory, no per-matmul dequant);
     None keeps FP8/FP4 weights and the embedding as stored, and casts the unquantized
     projections and the head to the compute dtype once. emulate_quant: the reference's
-    FP8/FP4 KV and indexer rounding.
+    FP8/FP4 KV and indexer rounding. parallel: load this rank's part only (the layout is checked
+    against the config first).
     """
     device = resolve_device(device)  # first: a CUDA request without CUDA fails before any I/O
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
+    parallel = parallel or ParallelContext.single()
+    parallel.config.check(config)
     files = checkpoint_files(path)
     names = []
     for file in files:
@@ -66,7 +77,8 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
     hf = is_hf_naming(names)
     with_mtp = any(n.startswith("mtp.") for n in names)
     with torch.device("meta"):
-        model = DeepseekV4ForCausalLM(config, emulate_quant=emulate_quant, with_mtp=with_mtp)
+        model = DeepseekV4ForCausalLM(config, emulate_quant=emulate_quant, with_mtp=with_mtp,
+                                      parallel=parallel)
     expected = dict(model.named_parameters())
     expected.update(model.named_buffers())
     loaded: set[str] = set()
@@ -74,7 +86,19 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for stored in f.keys():
-                for name, tensor in official_items(stored, f.get_tensor(stored), hf):
+                if hf:
+                    items = official_items(stored, f.get_tensor(stored), hf)
+                    items = ((n, _take(t, _shard_of(model, n))) for n, t in items)
+                elif stored in expected:  # only this rank's part of a split tensor is read
+                    items = iter([(stored, _read_part(f, stored, _shard_of(model, stored)))])
+                else:
+                    items = iter([(stored, None)])
+                for name, tensor in items:
+                    if tensor is None or name not in expected:
+                        if _other_ranks_expert(name, config.n_routed_experts):
+                            continue
+                        shape = tuple(f.get_slice(stored).get_shape())
+                        raise CheckpointError(f"unexpected tensor {name} {shape} in checkpoint")
                     _assign(model, expected, name, tensor, device)
                     loaded.add(name)
                 bar.update(1)
@@ -105,6 +129,47 @@ def _prepare_head(model: DeepseekV4ForCausalLM) -> None:
     w = model.head.weight
     model.head.weight = torch.nn.Parameter(
         w.data.to(model.compute_dtype).t().contiguous().t(), requires_grad=False)
+
+
+_EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
+
+
+def _other_ranks_expert(name: str, n_experts: int) -> bool:
+    """A routed expert's tensor that another expert-parallel rank holds."""
+    found = _EXPERT.search(name)
+    return found is not None and int(found.group(1)) < n_experts
+
+
+def _shard_of(model: torch.nn.Module, name: str) -> Shard | None:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return None
+    return getattr(module, "shards", {}).get(attr)
+
+
+def _part(size: int, shard: Shard) -> slice:
+    dim, parts, index = shard
+    step = size // parts
+    return slice(index * step, (index + 1) * step)
+
+
+def _read_part(f, name: str, shard: Shard | None) -> torch.Tensor:
+    """The stored tensor, or just this rank's part of it (read through get_slice)."""
+    if shard is None:
+        return f.get_tensor(name)
+    view = f.get_slice(name)
+    dim = shard[0]
+    index = [slice(None)] * len(view.get_shape())
+    index[dim] = _part(view.get_shape()[dim], shard)
+    return view[tuple(index)]
+
+
+def _take(tensor: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    if shard is None:
+        return tensor
+    return tensor[(slice(None),) * shard[0] + (_part(tensor.shape[shard[0]], shard),)].clone()
 
 
 def _assign(model: torch.nn.Module, expected: dict[str, torch.Tensor], name: str,

@@ -5,6 +5,16 @@ experts from `tid2eid[token_id]`. Weights are the selected scores normalised to 
 `routed_scaling_factor`. Experts are clamped SwiGLU FFNs computed in at least fp32, the routing
 weight applied before w2 as in the reference. Routed experts stay FP4 (or FP8) and are
 dequantized only when a token visits them.
+
+Over several ranks (dsv4.distributed.ParallelConfig) every rank routes every token the same way
+(the gate and its bias are whole on each), computes the share of the routed experts it holds
+(whole experts under EP, a slice of each expert's width otherwise), and the shares meet in one
+collective; the shared expert is whole on each rank and is added afterwards. Under DP-attention
+the data-parallel groups first gather each other's tokens (dispatch: all-gather), and each gets
+back the sums for its own (combine: reduce-scatter, or all-reduce when a group has several
+tensor-parallel ranks). Why not all-to-all: the gather/scatter pair has equal-size buffers, runs
+the same on gloo and NCCL, and at the 4-8 ranks a V4 deployment spans, each token goes to most
+ranks anyway (6 of 256 experts over 8 ranks reach ~4.4 ranks on average).
 """
 
 from __future__ import annotations
@@ -14,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.layers import upcast
-from dsv4.model.linear import Linear
+from dsv4.model.linear import Linear, Shard
 
 __all__ = ["MoE", "Expert", "Gate"]
 
@@ -29,11 +40,16 @@ def _formats(config: ModelConfig) -> tuple[str, str, torch.dtype]:
 
 class Expert(nn.Module):
     def __init__(self, dim: int, inter: int, fmt: str, scale_dtype: torch.dtype,
-                 limit: float) -> None:
+                 limit: float, parts: int = 1, index: int = 0) -> None:
+        """inter: the whole width; a rank holding part `index` of `parts` keeps inter/parts
+        rows of w1/w3 and the matching w2 columns."""
         super().__init__()
-        self.w1 = Linear(dim, inter, fmt, scale_dtype)
-        self.w2 = Linear(inter, dim, fmt, scale_dtype)
-        self.w3 = Linear(dim, inter, fmt, scale_dtype)
+        width = inter // parts
+        rows: Shard | None = (0, parts, index) if parts > 1 else None
+        cols: Shard | None = (1, parts, index) if parts > 1 else None
+        self.w1 = Linear(dim, width, fmt, scale_dtype, rows)
+        self.w2 = Linear(width, dim, fmt, scale_dtype, cols)
+        self.w3 = Linear(dim, width, fmt, scale_dtype, rows)
         self.limit = limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,31 +98,57 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, is_hash: bool) -> None:
+    def __init__(self, config: ModelConfig, is_hash: bool,
+                 parallel: ParallelContext | None = None) -> None:
         super().__init__()
+        self.parallel = par = parallel or ParallelContext.single()
         dense, expert, scale = _formats(config)
         d, inter, limit = config.hidden_size, config.moe_intermediate_size, config.swiglu_limit
+        self.n_experts = config.n_routed_experts
         self.gate = Gate(config, is_hash)
-        self.experts = nn.ModuleList(
-            Expert(d, inter, expert, scale, limit) for _ in range(config.n_routed_experts))
+        # keyed by global expert id, so parameter names are the checkpoint's on every rank
+        ids, parts, index = par.local_experts(config.n_routed_experts)
+        self.experts = nn.ModuleDict(
+            {str(e): Expert(d, inter, expert, scale, limit, parts, index) for e in ids})
         self.shared_experts = Expert(d, inter, dense, scale, limit)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, ids = self.gate(x, input_ids.reshape(-1))
+        dp = self.parallel.dp
+        tokens, token_ids = x, input_ids.reshape(-1)
+        if dp.size > 1:  # dispatch: every group's tokens to every rank
+            tokens, token_ids = self.parallel.dp_gather(x), self.parallel.dp_input_ids
+        y = self._routed(tokens, token_ids)
+        y = self._combine(y)
+        y = y + upcast(self.shared_experts(x))
+        return y.to(x.dtype).view(shape)
+
+    def _routed(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the routed experts' output for tokens x [N, dim] (at least fp32)."""
+        weights, ids = self.gate(x, input_ids)
         y = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32),
                         device=x.device)
         if x.is_meta:
             # shapes only (FLOP counting): every token visits k experts
+            experts = list(self.experts.values())
             for slot in range(ids.shape[1]):
-                y = y + upcast(self.experts[slot](x, weights[:, slot:slot + 1]))
-        else:
-            counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
-            for e, count in enumerate(counts):
-                if count == 0:
-                    continue
-                tok, slot = torch.where(ids == e)
-                y.index_add_(0, tok, upcast(self.experts[e](x[tok], weights[tok, slot, None])))
-        y = y + upcast(self.shared_experts(x))
-        return y.to(x.dtype).view(shape)
+                y = y + upcast(experts[slot % len(experts)](x, weights[:, slot:slot + 1]))
+            return y
+        counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
+        for key, expert in self.experts.items():
+            if counts[int(key)] == 0:
+                continue
+            tok, slot = torch.where(ids == int(key))
+            y.index_add_(0, tok, upcast(expert(x[tok], weights[tok, slot, None])))
+        return y
+
+    def _combine(self, y: torch.Tensor) -> torch.Tensor:
+        """Sum the ranks' shares; under DP-attention keep this group's own tokens."""
+        par = self.parallel
+        if par.dp.size == 1:
+            return par.moe.all_reduce(y)
+        if par.tp.size == 1:  # moe group == dp group: each rank gets its own rows summed
+            return par.moe.reduce_scatter(y)[:par.dp_num_tokens[par.dp.rank]]
+        rows = par.dp_rows_of(par.dp.rank)
+        return par.moe.all_reduce(y)[rows]

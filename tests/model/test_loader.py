@@ -19,7 +19,7 @@ def test_weights_stay_in_checkpoint_precision(tiny_checkpoint):
     attn = model.layers[1].attn
     assert attn.wq_b.weight.dtype == torch.float8_e4m3fn
     assert attn.wq_b.scale.dtype == torch.float8_e8m0fnu
-    assert model.layers[1].ffn.experts[0].w1.weight.dtype == torch.int8  # packed FP4
+    assert model.layers[1].ffn.experts["0"].w1.weight.dtype == torch.int8  # packed FP4
     assert model.embed.weight.dtype == torch.bfloat16  # as released
     assert model.layers[1].hc_attn_fn.dtype == torch.float32
     stored = sum(t.numel() * t.element_size() for t in random_state_dict(model.config).values())
@@ -44,7 +44,7 @@ def test_dtype_option_expands_weights_with_same_logits(tiny_checkpoint):
 def test_base_style_fp8_experts_with_float32_scales(tiny_checkpoint):
     cfg = tiny_config(weight_dtype="fp8", expert_dtype="fp8", scale_fmt=None)
     model = load_model(tiny_checkpoint(cfg), device="cpu", progress=False)
-    w1 = model.layers[0].ffn.experts[0].w1
+    w1 = model.layers[0].ffn.experts["0"].w1
     assert w1.weight.dtype == torch.float8_e4m3fn and w1.scale.dtype == torch.float32
     assert torch.isfinite(model(torch.randint(0, 512, (1, 9)))).all()
 
