@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
-from dsv4.engine.outputs import EngineOutput, EngineStats, StepError
+from dsv4.engine.outputs import EngineOutput, EngineStats, StepError, WorkerDiedError
 from dsv4.errors import InvalidRequestError
 from dsv4.sampling_params import SamplingParams
 
@@ -145,10 +145,17 @@ class AsyncLLM:
         """Stop the engine thread; every open stream fails with EngineDeadError."""
         self.begin_shutdown()
         self._thread.join(timeout)
+        self.engine.shutdown()
+
+    def failure(self) -> str | None:
+        """Why the engine cannot serve any more (a worker rank died or hung), or None."""
+        return self.engine.failure()
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopped
+        """False once shut down or failed, and as soon as a worker rank of a multi-process
+        engine is gone (the server's /health answers 503)."""
+        return self._thread.is_alive() and not self._stopped and self.engine.failure() is None
 
     # ---- engine thread ---------------------------------------------------------------------
     def _submit(self, command: Callable[[], None]) -> None:
@@ -172,6 +179,12 @@ class AsyncLLM:
                 continue  # drain all pending commands before the next step
             try:
                 outputs = self.engine.step()
+            except WorkerDiedError as exc:  # a rank is gone: nothing can be served any more
+                logger.error("engine stopped: %s", exc)
+                with self._lock:
+                    self._stopped = True
+                self._fail_streams(lambda: EngineDeadError(f"the engine stopped: {exc}"))
+                return
             except StepError as exc:  # that step's requests were aborted by the engine
                 logger.exception("engine step failed; failing its requests")
                 for rid in exc.request_ids:

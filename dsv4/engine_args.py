@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from dsv4.distributed import ParallelConfig
     from dsv4.engine.llm_engine import LLMEngine
     from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
     from dsv4.engine.engine_config import EngineConfig
@@ -62,8 +63,9 @@ def parse_bytes(text: str | int) -> int:
 
 
 def _opt(help: str, *, type: Any = None, choices: tuple[str, ...] | None = None,
-         metavar: str | None = None) -> dict[str, Any]:
-    return {"help": help, "type": type, "choices": choices, "metavar": metavar}
+         metavar: str | None = None, aliases: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"help": help, "type": type, "choices": choices, "metavar": metavar,
+            "aliases": aliases}
 
 
 @dataclass
@@ -107,6 +109,19 @@ class EngineArgs:
     compressor_state_dtype: str = field(default="auto", metadata=_opt(
         "compressor window state (auto: fp64 for an fp64 model, else fp32)",
         choices=("auto", "fp32", "bf16", "fp64")))
+    tensor_parallel_size: int = field(default=1, metadata=_opt(
+        "ranks that split attention heads, indexer heads, output groups, embedding and head "
+        "(and, with the data-parallel ranks, the routed experts); one process per rank, "
+        "started by dsv4", type=int, aliases=("-tp",)))
+    data_parallel_size: int = field(default=1, metadata=_opt(
+        "data-parallel attention groups (each its own requests and KV cache; the MoE runs over "
+        "all tp x dp ranks)", type=int, aliases=("-dp",)))
+    enable_expert_parallel: bool = field(default=False, metadata=_opt(
+        "split the routed experts whole over all ranks (EP) instead of splitting every "
+        "expert's width"))
+    dist_timeout: float = field(default=120.0, metadata=_opt(
+        "seconds a collective between ranks may take before the engine gives up (a dead or "
+        "hung worker fails requests instead of hanging the server)", type=float))
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, torch.dtype):  # LLM(dtype=torch.float64) as in vLLM
@@ -124,7 +139,8 @@ class EngineArgs:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got "
                                  f"{getattr(self, f.name)!r}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "tensor_parallel_size", "data_parallel_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
@@ -133,6 +149,13 @@ class EngineArgs:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        if not isinstance(self.dist_timeout, (int, float)) or self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be a positive number of seconds, got "
+                             f"{self.dist_timeout!r}")
+        if self.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1 is not served by the engine yet (the model "
+                             "runs DP-attention; the per-group schedulers are still to come): "
+                             "use tensor_parallel_size with enable_expert_parallel")
 
     # ---- command line ------------------------------------------------------------------------
     @classmethod
@@ -146,10 +169,10 @@ class EngineArgs:
             if f.name == "model" and model_positional:
                 parser.add_argument("model", nargs="?", default=None, help=meta["help"])
                 continue
-            flag = "--" + f.name.replace("_", "-")
+            flags = ("--" + f.name.replace("_", "-"), *meta.get("aliases", ()))
             if f.type in (bool, "bool"):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                   help=meta["help"])
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction,
+                                   default=f.default, help=meta["help"])
                 continue
             kwargs = {k: meta[k] for k in ("type", "choices", "metavar") if meta.get(k)}
             help = meta["help"]
@@ -157,7 +180,7 @@ class EngineArgs:
                 help += f" (default: {f.default})"
             if meta.get("type") is parse_bytes:
                 kwargs["type"] = _cli_bytes
-            group.add_argument(flag, default=f.default, help=help, **kwargs)
+            group.add_argument(*flags, dest=f.name, default=f.default, help=help, **kwargs)
         return parser
 
     @classmethod
@@ -179,11 +202,25 @@ class EngineArgs:
                       eos_token_id: int | None = None) -> LLMEngine:
         """Load the checkpoint and build the engine (cache sized as the module says)."""
         from dsv4.engine.llm_engine import LLMEngine
+
+        parallel = self.parallel_config()
+        if parallel.world_size > 1:
+            from dsv4.engine.executor import start_workers
+
+            model, config, workers = start_workers(self, parallel, self.dist_timeout,
+                                                   progress=progress)
+            return LLMEngine(model, config, eos_token_id, workers)
         from dsv4.model.loader import load_model
 
         model = load_model(self.model_path(), device=self.device, dtype=self.torch_dtype,
                            emulate_quant=self.emulate_quant, progress=progress)
         return LLMEngine(model, self.create_engine_config(model), eos_token_id)
+
+    def parallel_config(self) -> ParallelConfig:
+        from dsv4.distributed import ParallelConfig
+
+        return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size,
+                              self.enable_expert_parallel)
 
     def create_engine_config(self, model: DeepseekV4ForCausalLM) -> EngineConfig:
         """The frozen EngineConfig for this loaded model, device-aware defaults resolved."""

@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "dsv4"
 # lowest first; a module's layer is that of its longest matching prefix
 LAYERS = [
     ("dsv4.config", "dsv4.errors", "dsv4.env", "dsv4.device", "dsv4.logs", "dsv4.quant",
-     "dsv4.sampling_params",
+     "dsv4.sampling_params", "dsv4.distributed",
      "dsv4.tokenizer", "dsv4.encoding", "dsv4.detokenizer"),
     ("dsv4.model", "dsv4.cache", "dsv4.demo"),
     ("dsv4.engine",),

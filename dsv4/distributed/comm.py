@@ -64,9 +64,11 @@ class Comm:
         self.group.reduce_scatter([out], [chunks]).wait()
         return out
 
-    def broadcast_object(self, obj: object = None, src: int = 0) -> object:
+    def broadcast_object(self, obj: object = None, src: int = 0,
+                         timeout: timedelta | None = None) -> object:
         """Pickle obj on rank `src` and hand it to every rank (control messages between dsv4's
-        own processes only; never used on data from outside)."""
+        own processes only; never used on data from outside). `timeout` overrides the group's
+        (gloo groups only)."""
         if self.size == 1:
             return obj
         self.counts["broadcast"] += 1
@@ -75,10 +77,10 @@ class Comm:
             size = torch.tensor([data.numel()], dtype=torch.long)
         else:
             size = torch.zeros(1, dtype=torch.long)
-        self.group.broadcast([size], src).wait()
+        self.group.broadcast(size, src, timeout).wait()
         if self.rank != src:
             data = torch.empty(int(size.item()), dtype=torch.uint8)
-        self.group.broadcast([data], src).wait()
+        self.group.broadcast(data, src, timeout).wait()
         return obj if self.rank == src else pickle.loads(data.numpy().tobytes())
 
     def barrier(self) -> None:

@@ -24,6 +24,8 @@ from dsv4.distributed.parallel_config import ParallelConfig
 
 __all__ = ["ParallelContext"]
 
+_IDLE_TIMEOUT = timedelta(days=365)
+
 
 @dataclass
 class ParallelContext:
@@ -37,6 +39,7 @@ class ParallelContext:
     # all groups' token ids (padded layout, see begin_step)
     dp_num_tokens: list[int] = field(default_factory=list)
     dp_input_ids: torch.Tensor | None = None
+    timeout: timedelta = DEFAULT_TIMEOUT  # of the model's collectives
 
     @classmethod
     def single(cls) -> ParallelContext:
@@ -45,7 +48,9 @@ class ParallelContext:
     @classmethod
     def build(cls, config: ParallelConfig, rank: int, store: dist.Store,
               backend: str = "gloo", timeout: timedelta = DEFAULT_TIMEOUT) -> ParallelContext:
-        """Every rank of the world calls this with the same config and store."""
+        """Every rank of the world calls this with the same config and store. `timeout` bounds
+        every collective of the model; the control group waits without a practical limit (an
+        idle server sends its workers nothing for hours)."""
         if not 0 <= rank < config.world_size:
             raise ValueError(f"rank {rank} is outside the world of {config.world_size} ranks")
         world = list(range(config.world_size))
@@ -55,7 +60,8 @@ class ParallelContext:
                    tp=new_group(store, f"tp{tp[0]}", tp, rank, backend, timeout),
                    dp=new_group(store, f"dp{dp[0]}", dp, rank, backend, timeout),
                    moe=new_group(store, "moe", world, rank, backend, timeout),
-                   control=new_group(store, "control", world, rank, "gloo", timeout))
+                   control=new_group(store, "control", world, rank, "gloo", _IDLE_TIMEOUT),
+                   timeout=timeout)
 
     @property
     def is_driver(self) -> bool:

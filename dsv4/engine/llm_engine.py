@@ -15,8 +15,10 @@ import logging
 from dsv4.cache.block_manager import BlockManager
 from dsv4.cache.spec import kv_bytes_per_seq, kv_bytes_per_token, state_bytes_per_seq
 from dsv4.engine.engine_config import EngineConfig
+from dsv4.engine.executor import Workers
 from dsv4.engine.model_runner import ModelRunner
-from dsv4.engine.outputs import EngineOutput, EngineStats, StepError, TokenLogprobs
+from dsv4.engine.outputs import (EngineOutput, EngineStats, StepError, TokenLogprobs,
+                                 WorkerDiedError)
 from dsv4.engine.request import Request, RequestStatus, StepOutput
 from dsv4.engine.sampler import LogprobsTensors, SamplerOutput
 from dsv4.engine.scheduler import Scheduler
@@ -40,12 +42,13 @@ def _token_logprobs(t: LogprobsTensors, rows: slice, n: int) -> list[TokenLogpro
 
 class LLMEngine:
     def __init__(self, model: DeepseekV4ForCausalLM, engine_config: EngineConfig,
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | None = None, workers: Workers | None = None) -> None:
         engine_config.check_model(model.config)
         if engine_config.kv_cache_memory is None:
             raise ValueError("kv_cache_memory is not set: build the engine with "
                              "EngineArgs(...).create_engine() or give it in bytes")
         self.model, self.config = model, engine_config
+        self.workers = workers  # the other ranks of a multi-process engine
         self.model_config = model.config
         self.eos_token_id = model.config.eos_token_id if eos_token_id is None else eos_token_id
         self.block_manager = BlockManager.from_config(model.config, engine_config)
@@ -127,9 +130,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
+        if self.workers is not None and self.workers.failure():
+            raise self._fail_all(self.workers.explain(RuntimeError("worker gone")))
         try:
             sampled, out, prompt_lps = self.runner.execute(batch)
         except Exception as exc:
+            if self.workers is not None:  # a rank may be gone: nothing can run any more
+                raise self._fail_all(self.workers.explain(exc)) from exc
             # fail this step's requests only; everything else keeps going next step
             failed = [r for r in batch.req_ids if r in self._params]
             for request_id in failed:
@@ -145,6 +152,23 @@ class LLMEngine:
         self._num_generation_tokens += sum(len(so.new_token_ids) for so in step_outputs)
         rows = {batch.req_ids[r]: k for k, r in enumerate(batch.sample_indices)}
         return self._convert(step_outputs, out, rows)
+
+    def failure(self) -> str | None:
+        """Why this engine cannot serve any more (a worker rank died), or None."""
+        return self.workers.failure() if self.workers is not None else None
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a multi-process engine (nothing to do otherwise)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+
+    def _fail_all(self, error: WorkerDiedError) -> WorkerDiedError:
+        """Abort every request (their blocks are freed) and stop the workers."""
+        for request_id in list(self._params):
+            self.abort_request(request_id)
+        if self.workers is not None:
+            self.workers.shutdown(timeout=1.0)
+        return error
 
     def _collect_prompt_logprobs(self, request_id: str, start: int, t: LogprobsTensors) -> None:
         """Keep the prompt logprobs of positions start.. not collected before (a request that

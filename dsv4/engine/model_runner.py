@@ -35,6 +35,10 @@ class ModelRunner:
                  state_dtype: str = "fp32") -> None:
         self.model = model
         self.device = model.embed.weight.device
+        # the driver of a multi-process engine sends each batch to its workers first
+        parallel = model.parallel
+        self._control = parallel.control if parallel.is_driver and parallel.control.size > 1 \
+            else None
         self.kv_cache = KVCache(model.config, block_manager, self.device, model.compute_dtype,
                                 kv_cache_dtype, index_cache_dtype, state_dtype)
         self.sampler = Sampler()
@@ -46,6 +50,8 @@ class ModelRunner:
         sampler's output and the prompt logprobs of this step's prompt positions."""
         if batch.is_empty:
             return [], None, {}
+        if self._control is not None:
+            self._control.broadcast_object(batch, timeout=self.model.parallel.timeout)
         flat = [t for ids in batch.token_ids for t in ids]
         input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
         def tables(i: int) -> dict[str, list[int]]:

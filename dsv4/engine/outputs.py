@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EngineOutput", "EngineStats", "StepError", "TokenLogprobs"]
+__all__ = ["EngineOutput", "EngineStats", "StepError", "TokenLogprobs", "WorkerDiedError"]
 
 
 @dataclass
@@ -43,6 +43,11 @@ class EngineStats:
     num_preemptions: int  # since start
     prompt_tokens: int  # prompt tokens computed since start (recomputation included)
     generation_tokens: int  # tokens sampled since start
+
+
+class WorkerDiedError(RuntimeError):
+    """A rank of a multi-process engine died or stopped answering: the engine cannot go on;
+    every request fails with this error, and /health answers 503."""
 
 
 class StepError(RuntimeError):

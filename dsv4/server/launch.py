@@ -131,9 +131,14 @@ def _serve(args: argparse.Namespace, engine_args: EngineArgs, names: list[str],
         banner = (f"model: {', '.join(names)}  max_model_len: {llm.max_model_len}  "
                   f"effort profile: {profile}  thinking by default: {args.default_thinking}  "
                   f"api key: {'required' if api_key else 'none'}")
-        _Server(config, banner, llm).run(sockets=[sock])
+        server = _Server(config, banner, llm)
+        server.run(sockets=[sock])
     finally:
         llm.shutdown()
+    failure = llm.failure()
+    if failure:
+        print(f"dsv4 serve: stopped: {failure}", file=sys.stderr)
+        return 1
     print("dsv4 serve: stopped", file=sys.stderr)
     return 0
 
@@ -164,6 +169,15 @@ class _Server(uvicorn.Server):
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         shown = f"[{shown}]" if ":" in shown else shown
         print(f"dsv4 serve: ready at http://{shown}:{port}/v1  {self.banner}", flush=True)
+
+    async def on_tick(self, counter: int) -> bool:
+        # a worker rank that died takes the server down (after in-flight requests have failed)
+        if not self.should_exit and self.llm.failure():
+            logging.getLogger("dsv4.server").error("engine failed: %s; shutting down",
+                                                   self.llm.failure())
+            self.should_exit = True
+            self.llm.begin_shutdown()
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # as uvicorn's, minus re-raising the signal after shutdown: we exit 0 by ourselves

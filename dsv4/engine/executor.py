@@ -1,0 +1,125 @@
+"""Workers: the driver's side of a multi-process engine (tensor / expert parallelism).
+
+`start_workers` spawns ranks 1.. of this node as processes (spawn, not fork: a forked CUDA or
+thread state is unsafe), opens the rendezvous store (a TCPStore the driver hosts, or the one of
+`torchrun`'s environment / `--dist-init-addr`) and returns once the driver has its own part of
+the model. A monitor thread watches the processes: a worker that exits is reported by
+`failure()` at once (the server's /health turns 503), and the driver's next collective fails
+instead of waiting (gloo notices the closed connection; a hung worker meets the collective
+timeout). `shutdown()` asks the workers to stop, then terminates and kills whatever is left, so
+no process outlives the engine.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing as mp
+import socket
+import threading
+from dataclasses import replace
+from datetime import timedelta
+from multiprocessing.connection import wait
+
+import torch.distributed as dist
+
+from dsv4.config import ModelConfig
+from dsv4.engine.engine_config import EngineConfig
+from dsv4.engine.outputs import WorkerDiedError
+from dsv4.engine.worker import STOP, RankSpec, load_rank, worker_main
+from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
+
+__all__ = ["Workers", "WorkerDiedError", "start_workers", "free_port"]
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Workers:
+    def __init__(self, processes: dict[int, mp.Process], spec: RankSpec) -> None:
+        self.processes, self.spec = processes, spec
+        self._failure: str | None = None
+        self._stopping = False
+        self.control = None  # the driver's control group, once loaded
+        self._monitor = threading.Thread(target=self._watch, name="dsv4-workers", daemon=True)
+        self._monitor.start()
+        atexit.register(self.shutdown)  # before multiprocessing's own exit handler
+
+    def _watch(self) -> None:
+        sentinels = {p.sentinel: rank for rank, p in self.processes.items()}
+        while sentinels and not self._stopping:
+            for ready in wait(list(sentinels), timeout=1.0):
+                rank = sentinels.pop(ready)
+                if not self._stopping:
+                    self.processes[rank].join(1.0)
+                    code = self.processes[rank].exitcode
+                    self._failure = f"worker rank {rank} exited with code {code}"
+                    logger.error("%s; the engine cannot serve any more requests",
+                                 self._failure)
+
+    def failure(self) -> str | None:
+        """Why the engine cannot go on (a worker died), or None while all are running."""
+        return self._failure
+
+    def explain(self, exc: BaseException) -> WorkerDiedError:
+        """The error to raise for a collective that failed under `exc`."""
+        reason = self._failure or (
+            f"a collective failed or timed out after {self.spec.timeout_s:.0f} s (a worker "
+            f"hung or its connection broke): {exc}")
+        self._failure = reason
+        return WorkerDiedError(reason)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        atexit.unregister(self.shutdown)
+        if self.control is not None and self._failure is None:
+            try:
+                self.control.broadcast_object(STOP)
+            except Exception:  # noqa: BLE001 - a broken group: the processes are ended below
+                pass
+        for p in self.processes.values():
+            p.join(timeout)
+        for p in self.processes.values():
+            if p.is_alive():
+                p.terminate()
+                p.join(2.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def start_workers(engine_args: object, parallel, timeout_s: float = 120.0, *,
+                  progress: bool = False
+                  ) -> tuple[DeepseekV4ForCausalLM, EngineConfig, Workers]:
+    """Spawn the workers of a one-node engine, load the driver's part; returns (model,
+    engine config, workers)."""
+    path = str(engine_args.model_path(announce=True))  # resolved once, here
+    parallel.check(ModelConfig.from_pretrained(path))  # a bad layout fails before any spawn
+    spec = RankSpec(replace(engine_args, model=path), parallel, "127.0.0.1", free_port(),
+                    timeout_s)
+    store = dist.TCPStore(spec.host, spec.port, parallel.world_size, is_master=True,
+                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    processes = {rank: ctx.Process(target=worker_main, args=(spec, rank), daemon=True,
+                                   name=f"dsv4-rank{rank}")
+                 for rank in range(1, parallel.world_size)}
+    for p in processes.values():
+        p.start()
+    workers = Workers(processes, spec)
+    try:
+        model, config = load_rank(spec, 0, store, progress)
+    except BaseException as exc:
+        workers.shutdown(timeout=1.0)
+        if workers.failure():
+            raise WorkerDiedError(workers.failure()) from exc
+        raise
+    workers.control = model.parallel.control
+    workers.store = store  # the store lives as long as the engine
+    return model, config, workers

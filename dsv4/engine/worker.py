@@ -1,0 +1,106 @@
+"""The ranks of a multi-process engine: what each one loads, and the worker's step loop.
+
+Rank 0, the driver, lives in the process of the API server and the scheduler; ranks 1.. are
+worker processes (`dsv4.engine.executor` starts them). Every rank loads its own part of the
+checkpoint (`load_rank`), builds the same KV-cache plan (the smallest budget any rank can afford)
+and a ModelRunner. Each step the driver sends the ScheduledBatch over the control group; every
+rank runs it, so the collectives inside the model meet. Only the driver's sampled tokens are used:
+every rank computes the same logits (the head's all-gather), and the next step's batch carries
+the driver's tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dsv4.cache.block_manager import BlockManager
+from dsv4.distributed import ParallelConfig, ParallelContext
+from dsv4.engine.engine_config import EngineConfig
+from dsv4.engine.model_runner import ModelRunner
+from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
+
+__all__ = ["RankSpec", "load_rank", "worker_main", "STOP"]
+
+logger = logging.getLogger(__name__)
+
+STOP = "stop"  # the control message that ends a worker's loop
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What every rank needs to join the world (picklable: it crosses into spawned workers)."""
+
+    engine_args: object  # dsv4.engine_args.EngineArgs (kept untyped: that module is above)
+    parallel: ParallelConfig
+    host: str
+    port: int
+    timeout_s: float
+    nodes: int = 1
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if str(self.engine_args.device or "").startswith("cuda") else "gloo"
+
+
+def _device(spec: RankSpec, rank: int) -> str | None:
+    device = spec.engine_args.device
+    if device is None or not str(device).startswith("cuda"):
+        return device
+    per_node = spec.parallel.world_size // spec.nodes
+    local = rank % per_node
+    torch.cuda.set_device(local)
+    return f"cuda:{local}"
+
+
+def load_rank(spec: RankSpec, rank: int, store: dist.Store, progress: bool = False
+              ) -> tuple[DeepseekV4ForCausalLM, EngineConfig]:
+    """Join the groups, load this rank's part of the model, agree on the cache plan."""
+    from dsv4.model.loader import load_model
+
+    args = spec.engine_args
+    device = _device(spec, rank)
+    ctx = ParallelContext.build(spec.parallel, rank, store, spec.backend,
+                                timedelta(seconds=spec.timeout_s))
+    model = load_model(args.model_path(), device=device, dtype=args.torch_dtype,
+                       emulate_quant=args.emulate_quant, progress=progress, parallel=ctx)
+    config = args.create_engine_config(model)  # a profiled forward joins the collectives
+    budgets = ctx.control.all_gather(torch.tensor([config.kv_cache_memory], dtype=torch.long))
+    return model, config.replace(kv_cache_memory=int(budgets.min()))
+
+
+def _exit_with_parent() -> None:
+    """A worker whose driver is gone (killed, crashed) ends itself: nothing else would."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="dsv4-parent-watch", daemon=True).start()
+
+
+def worker_main(spec: RankSpec, rank: int) -> None:
+    """A worker process: load, then run the driver's batches until told to stop."""
+    _exit_with_parent()
+    logging.basicConfig(level=logging.WARNING, format=f"dsv4 rank {rank}: %(message)s")
+    store = dist.TCPStore(spec.host, spec.port, spec.parallel.world_size, is_master=False,
+                          timeout=timedelta(seconds=spec.timeout_s))
+    model, config = load_rank(spec, rank, store)
+    runner = ModelRunner(model, BlockManager.from_config(model.config, config),
+                         config.kv_cache_dtype, config.index_cache_dtype,
+                         config.compressor_state_dtype)
+    control = model.parallel.control
+    while True:
+        batch = control.broadcast_object(None)
+        if batch == STOP:
+            return
+        runner.execute(batch)
