@@ -152,10 +152,6 @@ class EngineArgs:
         if not isinstance(self.dist_timeout, (int, float)) or self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be a positive number of seconds, got "
                              f"{self.dist_timeout!r}")
-        if self.data_parallel_size > 1:
-            raise ValueError("data_parallel_size > 1 is not served by the engine yet (the model "
-                             "runs DP-attention; the per-group schedulers are still to come): "
-                             "use tensor_parallel_size with enable_expert_parallel")
 
     # ---- command line ------------------------------------------------------------------------
     @classmethod

@@ -83,6 +83,22 @@ class Comm:
         self.group.broadcast(data, src, timeout).wait()
         return obj if self.rank == src else pickle.loads(data.numpy().tobytes())
 
+    def all_gather_object(self, obj: object, timeout: timedelta | None = None) -> list[object]:
+        """Every rank's obj, in rank order (pickled; dsv4's own processes only)."""
+        if self.size == 1:
+            return [obj]
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.size)]
+        self.group.allgather([sizes], [torch.tensor([data.numel()])]).wait()
+        longest = max(int(n.item()) for n in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[:data.numel()] = data
+        parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)]
+        self.counts["all_gather_object"] += 1
+        self.group.allgather([parts], [padded]).wait()
+        return [pickle.loads(part[:int(n.item())].numpy().tobytes())
+                for part, n in zip(parts, sizes)]
+
     def barrier(self) -> None:
         if self.size > 1:
             self.all_reduce(torch.zeros(1))

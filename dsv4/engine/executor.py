@@ -24,7 +24,9 @@ from multiprocessing.connection import wait
 import torch.distributed as dist
 
 from dsv4.config import ModelConfig
+from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.engine_config import EngineConfig
+from dsv4.engine.model_runner import ModelRunner, StepResult
 from dsv4.engine.outputs import WorkerDiedError
 from dsv4.engine.worker import STOP, RankSpec, load_rank, worker_main
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
@@ -61,6 +63,18 @@ class Workers:
                     self._failure = f"worker rank {rank} exited with code {code}"
                     logger.error("%s; the engine cannot serve any more requests",
                                  self._failure)
+
+    def run_step(self, runner: ModelRunner, batches: list[ScheduledBatch]) -> list[StepResult]:
+        """One step of every data-parallel group: send all groups' batches to every rank, run
+        group 0's here, and collect each group's result from its first tensor-parallel rank."""
+        parallel = runner.model.parallel
+        self.control.broadcast_object(batches, timeout=parallel.timeout)
+        own = runner.execute(batches[0])
+        if len(batches) == 1:
+            return [own]
+        gathered = self.control.all_gather_object(own, timeout=parallel.timeout)
+        tp = parallel.config.tensor_parallel_size
+        return [gathered[g * tp] for g in range(len(batches))]
 
     def failure(self) -> str | None:
         """Why the engine cannot go on (a worker died), or None while all are running."""

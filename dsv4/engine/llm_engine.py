@@ -16,7 +16,8 @@ from dsv4.cache.block_manager import BlockManager
 from dsv4.cache.spec import kv_bytes_per_seq, kv_bytes_per_token, state_bytes_per_seq
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.executor import Workers
-from dsv4.engine.model_runner import ModelRunner
+from dsv4.engine.batch import ScheduledBatch
+from dsv4.engine.model_runner import ModelRunner, StepResult
 from dsv4.engine.outputs import (EngineOutput, EngineStats, StepError, TokenLogprobs,
                                  WorkerDiedError)
 from dsv4.engine.request import Request, RequestStatus, StepOutput
@@ -51,8 +52,15 @@ class LLMEngine:
         self.workers = workers  # the other ranks of a multi-process engine
         self.model_config = model.config
         self.eos_token_id = model.config.eos_token_id if eos_token_id is None else eos_token_id
-        self.block_manager = BlockManager.from_config(model.config, engine_config)
-        self.scheduler = Scheduler(engine_config, self.block_manager)
+        # one scheduler and block plan per data-parallel group (each group's ranks hold their
+        # own KV cache); group 0 runs here. One group unless DP-attention is on.
+        groups = model.parallel.config.data_parallel_size
+        self.schedulers = [
+            Scheduler(engine_config, BlockManager.from_config(model.config, engine_config))
+            for _ in range(groups)]
+        self.scheduler = self.schedulers[0]
+        self.block_manager = self.scheduler.block_manager
+        self._group: dict[str, int] = {}  # unfinished request -> its data-parallel group
         self.runner = ModelRunner(model, self.block_manager, engine_config.kv_cache_dtype,
                                   engine_config.index_cache_dtype,
                                   engine_config.compressor_state_dtype)
@@ -97,58 +105,82 @@ class LLMEngine:
                                       param="n")
         validate_prompt(prompt_token_ids, params, self.config.max_model_len,
                         self.model_config.vocab_size)
-        self.scheduler.add_request(Request(request_id, prompt_token_ids, params,
-                                           eos_token_id=self.eos_token_id))
+        # the least loaded data-parallel group takes it
+        group = min(range(len(self.schedulers)),
+                    key=lambda g: len(self.schedulers[g].requests))
+        self.schedulers[group].add_request(Request(request_id, prompt_token_ids, params,
+                                                   eos_token_id=self.eos_token_id))
+        self._group[request_id] = group
         self._params[request_id] = params
         if params.prompt_logprobs is not None:
             self._prompt_lps[request_id] = []
 
     def abort_request(self, request_id: str) -> list[EngineOutput]:
         """End a request now; its blocks are free on return. Unknown ids are ignored."""
-        return self._convert(self.scheduler.abort_requests([request_id]))
+        return self._convert(self._scheduler_of(request_id).abort_requests([request_id]))
 
     def finish_request(self, request_id: str, stop_reason: str) -> list[EngineOutput]:
         """End a request because the text layer matched a stop string; returns its final
         (empty, finished) output so streaming consumers see the end."""
-        done = self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_STOPPED,
-                                              stop_reason)
+        done = self._scheduler_of(request_id).finish_requests(
+            [request_id], RequestStatus.FINISHED_STOPPED, stop_reason)
         return self._convert(done)
 
+    def _scheduler_of(self, request_id: str) -> Scheduler:
+        return self.schedulers[self._group.get(request_id, 0)]
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return any(s.has_unfinished_requests() for s in self.schedulers)
 
     def stats(self) -> EngineStats:
-        bm = self.block_manager
+        """Load of all data-parallel groups together (KV usage: their mean)."""
         used = sum(p.num_usable_blocks - p.num_free_blocks
-                   for p in (*bm.pools.values(), bm.state_pool))
-        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting,
-                           bm.usage(), used, self.scheduler.num_preemptions,
+                   for s in self.schedulers
+                   for p in (*s.block_manager.pools.values(), s.block_manager.state_pool))
+        return EngineStats(sum(s.num_running for s in self.schedulers),
+                           sum(s.num_waiting for s in self.schedulers),
+                           sum(s.block_manager.usage() for s in self.schedulers)
+                           / len(self.schedulers), used,
+                           sum(s.num_preemptions for s in self.schedulers),
                            self._num_prompt_tokens, self._num_generation_tokens)
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
-        batch = self.scheduler.schedule()
-        if batch.is_empty:
+        batches = [s.schedule() for s in self.schedulers]
+        if all(b.is_empty for b in batches):
             return []
         if self.workers is not None and self.workers.failure():
             raise self._fail_all(self.workers.explain(RuntimeError("worker gone")))
         try:
-            sampled, out, prompt_lps = self.runner.execute(batch)
+            if self.workers is None:
+                results = [self.runner.execute(batches[0])]
+            else:
+                results = self.workers.run_step(self.runner, batches)
         except Exception as exc:
             if self.workers is not None:  # a rank may be gone: nothing can run any more
                 raise self._fail_all(self.workers.explain(exc)) from exc
             # fail this step's requests only; everything else keeps going next step
-            failed = [r for r in batch.req_ids if r in self._params]
+            failed = [r for r in batches[0].req_ids if r in self._params]
             for request_id in failed:
                 self.abort_request(request_id)
             raise StepError(failed, exc) from exc
+        outputs = []
+        for scheduler, batch, result in zip(self.schedulers, batches, results):
+            if not batch.is_empty:
+                outputs += self._finish_step(scheduler, batch, result)
+        return outputs
+
+    def _finish_step(self, scheduler: Scheduler, batch: ScheduledBatch, result: StepResult
+                     ) -> list[EngineOutput]:
+        """Apply one group's step result: logprobs, counters, the scheduler's update."""
+        sampled, out, prompt_lps = result
         for request_id, (start, t) in prompt_lps.items():
             self._collect_prompt_logprobs(request_id, start, t)
         self._num_prompt_tokens += sum(  # prompt positions computed this step
             max(0, min(len(ids), len(prompt) - start))
             for prompt, start, ids in zip(batch.prompt_token_ids, batch.num_computed_tokens,
                                           batch.token_ids))
-        step_outputs = self.scheduler.update_from_output(batch, sampled)
+        step_outputs = scheduler.update_from_output(batch, sampled)
         self._num_generation_tokens += sum(len(so.new_token_ids) for so in step_outputs)
         rows = {batch.req_ids[r]: k for k, r in enumerate(batch.sample_indices)}
         return self._convert(step_outputs, out, rows)
@@ -202,4 +234,5 @@ class LLMEngine:
             if so.finished:
                 self._params.pop(so.request_id, None)
                 self._prompt_lps.pop(so.request_id, None)
+                self._group.pop(so.request_id, None)
         return results

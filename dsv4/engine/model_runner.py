@@ -20,13 +20,15 @@ from dsv4.engine.sampler import LogprobsTensors, Sampler, SamplerOutput, Samplin
 from dsv4.model.attention import DecodeRows, Segment
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
-__all__ = ["ModelRunner", "PromptLogprobs"]
+__all__ = ["ModelRunner", "PromptLogprobs", "StepResult"]
 
 _PROMPT_LOGITS_ROWS = 256
 
 # per request id: (first prompt position scored, LogprobsTensors whose column 0 is the prompt
 # token that follows each scored position)
 PromptLogprobs = dict[str, tuple[int, LogprobsTensors]]
+# what one step of a batch gives: new token ids per row, the sampler's output, prompt logprobs
+StepResult = tuple[list[list[int]], SamplerOutput | None, PromptLogprobs]
 
 
 class ModelRunner:
@@ -35,23 +37,20 @@ class ModelRunner:
                  state_dtype: str = "fp32") -> None:
         self.model = model
         self.device = model.embed.weight.device
-        # the driver of a multi-process engine sends each batch to its workers first
-        parallel = model.parallel
-        self._control = parallel.control if parallel.is_driver and parallel.control.size > 1 \
-            else None
         self.kv_cache = KVCache(model.config, block_manager, self.device, model.compute_dtype,
                                 kv_cache_dtype, index_cache_dtype, state_dtype)
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch
-                ) -> tuple[list[list[int]], SamplerOutput | None, PromptLogprobs]:
+    def execute(self, batch: ScheduledBatch) -> StepResult:
         """Run one step; returns new token ids per row ([] for rows that do not sample), the
         sampler's output and the prompt logprobs of this step's prompt positions."""
         if batch.is_empty:
+            if self.model.parallel.dp.size > 1:  # another data-parallel group has work: the
+                # MoE layers need this rank in their collectives all the same
+                self.model.run_layers(torch.zeros(1, 0, dtype=torch.long, device=self.device),
+                                      lambda layer: [])
             return [], None, {}
-        if self._control is not None:
-            self._control.broadcast_object(batch, timeout=self.model.parallel.timeout)
         flat = [t for ids in batch.token_ids for t in ids]
         input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
         def tables(i: int) -> dict[str, list[int]]:

@@ -3,11 +3,12 @@
 Rank 0, the driver, lives in the process of the API server and the scheduler; ranks 1.. are
 worker processes (`dsv4.engine.executor` starts them). Every rank loads its own part of the
 checkpoint (`load_rank`), builds the same KV-cache plan (the smallest budget any rank can afford)
-and a ModelRunner. Each step the driver sends the ScheduledBatch over the control group; every
-rank runs it, so the collectives inside the model meet. Only the driver's sampled tokens are used:
-every rank computes the same logits (the head's all-gather), and the next step's batch carries
-the driver's tokens.
-"""
+and a ModelRunner. Each step the driver sends one ScheduledBatch per data-parallel group over the
+control group; every rank runs its group's batch (an empty one still joins the MoE collectives),
+so the collectives inside the model meet. The ranks of a tensor-parallel group compute the same
+logits (the head's all-gather) and sample alike; the driver keeps the tokens of each group's
+first rank (its own for group 0, gathered for the others), and the next step's batches carry
+them."""
 
 from __future__ import annotations
 
@@ -98,9 +99,12 @@ def worker_main(spec: RankSpec, rank: int) -> None:
     runner = ModelRunner(model, BlockManager.from_config(model.config, config),
                          config.kv_cache_dtype, config.index_cache_dtype,
                          config.compressor_state_dtype)
-    control = model.parallel.control
+    parallel = model.parallel
+    group = spec.parallel.dp_rank(rank)
     while True:
-        batch = control.broadcast_object(None)
-        if batch == STOP:
+        batches = parallel.control.broadcast_object(None)
+        if batches == STOP:
             return
-        runner.execute(batch)
+        result = runner.execute(batches[group])
+        if len(batches) > 1:  # the driver collects every group's tokens
+            parallel.control.all_gather_object(result, timeout=parallel.timeout)

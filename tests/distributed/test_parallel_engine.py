@@ -21,7 +21,10 @@ BASE = dict(device="cpu", dtype=torch.float64, max_model_len=256, block_size=16,
             kv_cache_memory=32 << 20, max_num_batched_tokens=24)  # chunked prefill
 LAYOUTS = {"tp2": dict(tensor_parallel_size=2),
            "tp2-ep": dict(tensor_parallel_size=2, enable_expert_parallel=True),
-           "tp4-ep": dict(tensor_parallel_size=4, enable_expert_parallel=True)}
+           "tp4-ep": dict(tensor_parallel_size=4, enable_expert_parallel=True),
+           "dp2-ep": dict(data_parallel_size=2, enable_expert_parallel=True),
+           "tp2-dp2-ep": dict(tensor_parallel_size=2, data_parallel_size=2,
+                              enable_expert_parallel=True)}
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +64,17 @@ def _stopped(llm: LLM) -> bool:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_workers_give_the_single_process_outputs(checkpoint, single, layout):
     llm = LLM(checkpoint, **BASE, **LAYOUTS[layout])
+    groups = []  # the data-parallel group each request went to
+    for g, scheduler in enumerate(llm.engine.schedulers):
+        real = scheduler.add_request
+        scheduler.add_request = lambda req, real=real, g=g: (groups.append(g), real(req))[1]
     try:
         tokens, lps, prompt_lps = _run(llm)
-        assert llm.engine.block_manager.all_free()
+        assert all(s.block_manager.all_free() for s in llm.engine.schedulers)
     finally:
         llm.engine.shutdown()
+    # requests spread over the groups; the one that finishes first idles in the others' steps
+    assert sorted(set(groups)) == list(range(LAYOUTS[layout].get("data_parallel_size", 1)))
     assert tokens == single[0]  # greedy and seeded sampling, token for token
     for got, want in zip(lps + prompt_lps, single[1] + single[2]):
         assert got == pytest.approx(want, abs=1e-5)
