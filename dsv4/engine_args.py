@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dsv4.engine.launch_plan import LaunchError, LaunchPlan
+
 if TYPE_CHECKING:
     from dsv4.distributed import ParallelConfig
     from dsv4.engine.llm_engine import LLMEngine
     from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
     from dsv4.engine.engine_config import EngineConfig
 
-__all__ = ["DTYPES", "EngineArgs", "parse_bytes"]
+__all__ = ["DTYPES", "EngineArgs", "LaunchError", "LaunchPlan", "parse_bytes"]
 
 DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16}
@@ -119,6 +121,15 @@ class EngineArgs:
     enable_expert_parallel: bool = field(default=False, metadata=_opt(
         "split the routed experts whole over all ranks (EP) instead of splitting every "
         "expert's width"))
+    nnodes: int = field(default=1, metadata=_opt(
+        "nodes the ranks are spread over (the same flags on every node, with --node-rank and "
+        "--dist-init-addr)", type=int))
+    node_rank: int = field(default=0, metadata=_opt(
+        "this node's place among --nnodes; node 0 runs the scheduler and the API server, the "
+        "others only workers", type=int))
+    dist_init_addr: str | None = field(default=None, metadata=_opt(
+        "HOST:PORT of node 0 where the ranks meet (needed with --nnodes > 1)",
+        metavar="HOST:PORT"))
     dist_timeout: float = field(default=120.0, metadata=_opt(
         "seconds a collective between ranks may take before the engine gives up (a dead or "
         "hung worker fails requests instead of hanging the server)", type=float))
@@ -140,7 +151,7 @@ class EngineArgs:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got "
                                  f"{getattr(self, f.name)!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "tensor_parallel_size", "data_parallel_size"):
+                     "tensor_parallel_size", "data_parallel_size", "nnodes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
@@ -200,10 +211,14 @@ class EngineArgs:
         from dsv4.engine.llm_engine import LLMEngine
 
         parallel = self.parallel_config()
+        plan = self.launch_plan()
+        if not plan.is_driver_node:
+            raise LaunchError("this node runs workers only (--node-rank > 0, or a torchrun "
+                              "rank > 0): start it with `dsv4 serve ... --node-rank N`")
         if parallel.world_size > 1:
             from dsv4.engine.executor import start_workers
 
-            model, config, workers = start_workers(self, parallel, self.dist_timeout,
+            model, config, workers = start_workers(self, parallel, plan, self.dist_timeout,
                                                    progress=progress)
             return LLMEngine(model, config, eos_token_id, workers)
         from dsv4.model.loader import load_model
@@ -211,6 +226,17 @@ class EngineArgs:
         model = load_model(self.model_path(), device=self.device, dtype=self.torch_dtype,
                            emulate_quant=self.emulate_quant, progress=progress)
         return LLMEngine(model, self.create_engine_config(model), eos_token_id)
+
+    def launch_plan(self) -> LaunchPlan:
+        """Where this process stands in the world (LaunchError for flags that do not fit)."""
+        return LaunchPlan.create(self.tensor_parallel_size * self.data_parallel_size,
+                                 self.nnodes, self.node_rank, self.dist_init_addr)
+
+    def run_worker_node(self) -> None:
+        """Run this node's ranks (a node other than 0) until the driver stops them."""
+        from dsv4.engine.executor import run_worker_node
+
+        run_worker_node(self, self.parallel_config(), self.launch_plan(), self.dist_timeout)
 
     def parallel_config(self) -> ParallelConfig:
         from dsv4.distributed import ParallelConfig

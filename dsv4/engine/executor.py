@@ -1,9 +1,9 @@
-"""Workers: the driver's side of a multi-process engine (tensor / expert parallelism).
+"""Workers: the driver's side of a multi-process engine (tensor, expert, data parallelism).
 
-`start_workers` spawns ranks 1.. of this node as processes (spawn, not fork: a forked CUDA or
-thread state is unsafe), opens the rendezvous store (a TCPStore the driver hosts, or the one of
-`torchrun`'s environment / `--dist-init-addr`) and returns once the driver has its own part of
-the model. A monitor thread watches the processes: a worker that exits is reported by
+`start_workers` spawns the other ranks of the driver's node as processes (spawn, not fork: a
+forked CUDA or thread state is unsafe), opens the rendezvous store (see LaunchPlan) and returns
+once the driver has its own part of the model; `run_worker_node` runs the ranks of a node
+without the driver. `run_step` sends each step's batches and collects the groups' results. A monitor thread watches the processes: a worker that exits is reported by
 `failure()` at once (the server's /health turns 503), and the driver's next collective fails
 instead of waiting (gloo notices the closed connection; a hung worker meets the collective
 timeout). `shutdown()` asks the workers to stop, then terminates and kills whatever is left, so
@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
+import os
 import socket
 import threading
 from dataclasses import replace
@@ -24,14 +25,16 @@ from multiprocessing.connection import wait
 import torch.distributed as dist
 
 from dsv4.config import ModelConfig
+from dsv4.distributed import ParallelConfig
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.model_runner import ModelRunner, StepResult
 from dsv4.engine.outputs import WorkerDiedError
+from dsv4.engine.launch_plan import LaunchPlan
 from dsv4.engine.worker import STOP, RankSpec, load_rank, worker_main
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
-__all__ = ["Workers", "WorkerDiedError", "start_workers", "free_port"]
+__all__ = ["Workers", "WorkerDiedError", "start_workers", "run_worker_node", "free_port"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,24 +112,39 @@ class Workers:
                 p.join()
 
 
-def start_workers(engine_args: object, parallel, timeout_s: float = 120.0, *,
-                  progress: bool = False
-                  ) -> tuple[DeepseekV4ForCausalLM, EngineConfig, Workers]:
-    """Spawn the workers of a one-node engine, load the driver's part; returns (model,
-    engine config, workers)."""
-    path = str(engine_args.model_path(announce=True))  # resolved once, here
+def _spec(engine_args: object, parallel: ParallelConfig, plan: LaunchPlan, timeout_s: float
+          ) -> RankSpec:
+    path = str(engine_args.model_path(announce=plan.is_driver_node))  # resolved once, here
     parallel.check(ModelConfig.from_pretrained(path))  # a bad layout fails before any spawn
-    spec = RankSpec(replace(engine_args, model=path), parallel, "127.0.0.1", free_port(),
-                    timeout_s)
-    store = dist.TCPStore(spec.host, spec.port, parallel.world_size, is_master=True,
-                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-    ctx = mp.get_context("spawn")
+    local = os.environ.get("LOCAL_RANK") if plan.torchrun_rank is not None else None
+    return RankSpec(replace(engine_args, model=path), parallel, plan.host,
+                    plan.port or free_port(plan.host), timeout_s, plan.nnodes,
+                    None if local is None else int(local))
+
+
+def _spawn(spec: RankSpec, ranks: list[int]) -> dict[int, mp.Process]:
+    ctx = mp.get_context("spawn")  # not fork: forked CUDA or thread state is unsafe
     processes = {rank: ctx.Process(target=worker_main, args=(spec, rank), daemon=True,
-                                   name=f"dsv4-rank{rank}")
-                 for rank in range(1, parallel.world_size)}
+                                   name=f"dsv4-rank{rank}") for rank in ranks}
     for p in processes.values():
         p.start()
-    workers = Workers(processes, spec)
+    return processes
+
+
+def _store(spec: RankSpec, plan: LaunchPlan) -> dist.TCPStore:
+    return dist.TCPStore(spec.host, spec.port, spec.parallel.world_size,
+                         is_master=plan.host_store, timeout=timedelta(seconds=spec.timeout_s),
+                         wait_for_workers=False)
+
+
+def start_workers(engine_args: object, parallel: ParallelConfig, plan: LaunchPlan,
+                  timeout_s: float = 120.0, *, progress: bool = False
+                  ) -> tuple[DeepseekV4ForCausalLM, EngineConfig, Workers]:
+    """The driver (rank 0): spawn this node's other ranks, load the driver's part; returns
+    (model, engine config, workers)."""
+    spec = _spec(engine_args, parallel, plan, timeout_s)
+    store = _store(spec, plan)
+    workers = Workers(_spawn(spec, [r for r in plan.local_ranks() if r != 0]), spec)
     try:
         model, config = load_rank(spec, 0, store, progress)
     except BaseException as exc:
@@ -137,3 +155,19 @@ def start_workers(engine_args: object, parallel, timeout_s: float = 120.0, *,
     workers.control = model.parallel.control
     workers.store = store  # the store lives as long as the engine
     return model, config, workers
+
+
+def run_worker_node(engine_args: object, parallel: ParallelConfig, plan: LaunchPlan,
+                    timeout_s: float = 120.0) -> None:
+    """A node (or torchrun process) without the driver: run its ranks until the driver stops
+    them. The first runs in this process, the others are spawned."""
+    spec = _spec(engine_args, parallel, plan, timeout_s)
+    first, *others = plan.local_ranks()
+    processes = _spawn(spec, others)
+    try:
+        worker_main(spec, first, spawned=False)
+    finally:
+        for p in processes.values():
+            p.join(10.0)
+            if p.is_alive():
+                p.kill()

@@ -45,6 +45,7 @@ class RankSpec:
     port: int
     timeout_s: float
     nodes: int = 1
+    local_rank_of: int | None = None  # under torchrun: LOCAL_RANK of this process
 
     @property
     def backend(self) -> str:
@@ -56,7 +57,7 @@ def _device(spec: RankSpec, rank: int) -> str | None:
     if device is None or not str(device).startswith("cuda"):
         return device
     per_node = spec.parallel.world_size // spec.nodes
-    local = rank % per_node
+    local = rank % per_node if spec.local_rank_of is None else spec.local_rank_of
     torch.cuda.set_device(local)
     return f"cuda:{local}"
 
@@ -89,9 +90,11 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="dsv4-parent-watch", daemon=True).start()
 
 
-def worker_main(spec: RankSpec, rank: int) -> None:
-    """A worker process: load, then run the driver's batches until told to stop."""
-    _exit_with_parent()
+def worker_main(spec: RankSpec, rank: int, spawned: bool = True) -> None:
+    """A worker: load, then run the driver's batches until told to stop. `spawned`: a process
+    that dsv4 started, which ends itself when its parent is gone."""
+    if spawned:
+        _exit_with_parent()
     logging.basicConfig(level=logging.WARNING, format=f"dsv4 rank {rank}: %(message)s")
     store = dist.TCPStore(spec.host, spec.port, spec.parallel.world_size, is_master=False,
                           timeout=timedelta(seconds=spec.timeout_s))

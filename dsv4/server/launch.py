@@ -24,7 +24,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from dsv4.async_llm import AsyncLLM
-from dsv4.engine_args import EngineArgs
+from dsv4.engine_args import EngineArgs, LaunchPlan
 from dsv4.logs import log_to_stderr
 from dsv4.server.bind import bind_socket
 
@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceError as exc:
         print(f"dsv4 serve: {exc.for_flag('--device')}", file=sys.stderr)
         return 1
+    try:
+        plan = engine_args.launch_plan()
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not plan.is_driver_node:  # no API server here: this node's ranks serve node 0's driver
+        return _serve_worker_node(engine_args, plan)
     api_key = args.api_key or env.api_key()
     sock = bind_socket(args.host, args.port)  # a busy port fails now, not after the load
     try:
@@ -95,6 +101,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         sock.close()
+
+
+def _serve_worker_node(engine_args: EngineArgs, plan: LaunchPlan) -> int:
+    from dsv4.demo import resolve_model
+
+    try:
+        engine_args.model = str(resolve_model(engine_args.model, announce=False)[0])
+    except FileNotFoundError as exc:
+        print(f"dsv4 serve: {exc}", file=sys.stderr)
+        return 1
+    ranks = plan.local_ranks()
+    print(f"dsv4 serve: node {plan.node_rank} runs ranks {ranks[0]}..{ranks[-1]} of "
+          f"{plan.world_size} as workers of the driver at {plan.host}:{plan.port}",
+          file=sys.stderr, flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        engine_args.run_worker_node()
+    except KeyboardInterrupt:
+        print("dsv4 serve: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a lost driver or peer: say so in one line
+        print(f"dsv4 serve: worker node {plan.node_rank} stopped: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("dsv4 serve: worker node stopped by the driver", file=sys.stderr)
+    return 0
 
 
 def _interrupt(sig: int, frame: FrameType | None) -> None:
