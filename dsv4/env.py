@@ -20,3 +20,15 @@ def cache_dir() -> Path:
 
 def api_key() -> str | None:
     return os.environ.get("DSV4_API_KEY") or None
+
+
+TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                      "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_USE_AGENT_STORE")
+
+
+def torchrun() -> dict[str, str]:
+    """torchrun's variables for this process ({} when torchrun did not start it)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return {}
+    return {k: os.environ[k] for k in TORCHRUN_VARIABLES if k in os.environ}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
-import os
 import socket
 import threading
 from dataclasses import replace
@@ -116,10 +115,8 @@ def _spec(engine_args: object, parallel: ParallelConfig, plan: LaunchPlan, timeo
           ) -> RankSpec:
     path = str(engine_args.model_path(announce=plan.is_driver_node))  # resolved once, here
     parallel.check(ModelConfig.from_pretrained(path))  # a bad layout fails before any spawn
-    local = os.environ.get("LOCAL_RANK") if plan.torchrun_rank is not None else None
     return RankSpec(replace(engine_args, model=path), parallel, plan.host,
-                    plan.port or free_port(plan.host), timeout_s, plan.nnodes,
-                    None if local is None else int(local))
+                    plan.port or free_port(plan.host), timeout_s, plan.nnodes, plan.local_rank)
 
 
 def _spawn(spec: RankSpec, ranks: list[int]) -> dict[int, mp.Process]:

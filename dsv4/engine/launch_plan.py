@@ -14,8 +14,9 @@ Three ways to start a world of tp x dp ranks (SGLang's flags, and torchrun's env
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from dsv4 import env as dsv4_env
 
 __all__ = ["LaunchPlan", "LaunchError"]
 
@@ -32,13 +33,15 @@ class LaunchPlan:
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port (one node only)
     torchrun_rank: int | None = None  # under torchrun: the one rank this process is
+    local_rank: int | None = None  # under torchrun: its LOCAL_RANK (GPU index on its node)
     host_store: bool = True  # this process serves the store
 
     @classmethod
     def create(cls, world_size: int, nnodes: int = 1, node_rank: int = 0,
                dist_init_addr: str | None = None,
                environ: dict[str, str] | None = None) -> LaunchPlan:
-        env = os.environ if environ is None else environ
+        """environ: torchrun's variables (default: this process's, from dsv4.env)."""
+        env = dsv4_env.torchrun() if environ is None else environ
         if "TORCHELASTIC_RUN_ID" in env:  # set by torchrun for every process it starts
             return cls._torchrun(world_size, env)
         if nnodes < 1 or not 0 <= node_rank < nnodes:
@@ -69,6 +72,7 @@ class LaunchPlan:
         agent = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
         return cls(world_size, max(1, size // local), rank // local, env["MASTER_ADDR"],
                    int(env["MASTER_PORT"]), torchrun_rank=rank,
+                   local_rank=int(env.get("LOCAL_RANK", rank % local)),
                    host_store=rank == 0 and not agent)
 
     @property
