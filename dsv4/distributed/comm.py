@@ -6,8 +6,9 @@ group, so several ranks can live in one process and every group is explicit. Glo
 tensors, NCCL CUDA ones; the calls are the same. A Comm of size 1 does nothing and costs nothing,
 so the model holds one in every layout.
 
-Every collective is counted by name in `counts` (tests check how many each layer issues) and
-waits at most the group's timeout: a rank that died makes the others raise instead of hang.
+Every collective is counted by name in `counts` (tests check how many each layer issues), with
+the bytes this rank puts in in `bytes` (benchmarks/parallel.py), and waits at most the group's
+timeout: a rank that died makes the others raise instead of hang.
 """
 
 from __future__ import annotations
@@ -31,15 +32,20 @@ class Comm:
             raise ValueError("a Comm of more than one rank needs a process group")
         self.group, self.rank, self.size, self.name = group, rank, size, name
         self.counts: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()  # payload bytes this rank put in, by kind
 
     def __repr__(self) -> str:
         return f"Comm({self.name!r}, rank {self.rank} of {self.size})"
+
+    def _count(self, kind: str, t: torch.Tensor) -> None:
+        self.counts[kind] += 1
+        self.bytes[kind] += t.numel() * t.element_size()
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the group; returns a new tensor (t is left alone)."""
         if self.size == 1:
             return t
-        self.counts["all_reduce"] += 1
+        self._count("all_reduce", t)
         out = t.contiguous().clone()
         self.group.allreduce([out]).wait()
         return out
@@ -48,7 +54,7 @@ class Comm:
         """Every rank's t (same shape on all) concatenated along dim in rank order."""
         if self.size == 1:
             return t
-        self.counts["all_gather"] += 1
+        self._count("all_gather", t)
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.size)]
         self.group.allgather([parts], [t]).wait()
@@ -58,7 +64,7 @@ class Comm:
         """t [size * M, ...] summed over the group; rank r gets rows [r * M, (r + 1) * M)."""
         if self.size == 1:
             return t
-        self.counts["reduce_scatter"] += 1
+        self._count("reduce_scatter", t)
         chunks = list(t.contiguous().chunk(self.size))
         out = torch.empty_like(chunks[0])
         self.group.reduce_scatter([out], [chunks]).wait()

@@ -124,3 +124,16 @@ def test_a_lost_worker_fails_requests_not_the_caller(checkpoint, how):
     assert eng.failure() is not None
     eng.shutdown()
     assert _stopped(llm)
+
+
+def test_fp8_cache_format_under_tensor_parallelism(checkpoint):
+    """584-byte FP8 entries with FP4 indexer keys: the same tokens split over two ranks."""
+    fp8 = dict(BASE, kv_cache_dtype="fp8")
+    prompts, params = _mixed_batch()
+    want = [o.outputs[0].token_ids for o in LLM(checkpoint, **fp8).generate(prompts, params)]
+    llm = LLM(checkpoint, **fp8, tensor_parallel_size=2, enable_expert_parallel=True)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.engine.shutdown()
+    assert got == want

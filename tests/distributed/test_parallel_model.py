@@ -134,3 +134,21 @@ def test_each_rank_holds_its_share_of_the_weights(checkpoint):
 def test_a_layout_the_checkpoint_cannot_take_is_named(overrides, layout, message):
     with pytest.raises(ParallelLayoutError, match=message):
         layout.check(parallel_test_config(**overrides))
+
+
+@pytest.mark.parametrize("preset, expert_dtype, tp, dp, ep", [
+    ("v4-flash", "fp4", 4, 1, False), ("v4-flash", "fp4", 1, 4, True),
+    ("v4-pro", "fp4", 8, 1, False), ("v4-pro", "fp4", 1, 8, True),
+    ("v4-pro", "fp8", 16, 1, True), ("v4-pro", "fp8", 2, 8, True),
+])
+def test_the_readme_layouts_fit_the_released_models(preset, expert_dtype, tp, dp, ep):
+    from dsv4.config import PRESETS
+
+    ParallelConfig(tp, dp, ep).check(PRESETS[preset].replace(expert_dtype=expert_dtype))
+
+
+def test_pro_fp8_experts_need_expert_parallelism_at_16_ranks():
+    from dsv4.config import PRESETS
+
+    with pytest.raises(ParallelLayoutError, match="192 per rank"):
+        ParallelConfig(16).check(PRESETS["v4-pro"].replace(expert_dtype="fp8"))
