@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from load_memory import rss_bytes  # benchmarks/ is on the path of a script run from it
 
 from dsv4.config import PRESETS, ModelConfig
 from dsv4.distributed import ParallelConfig, ParallelContext
@@ -38,14 +39,6 @@ from dsv4.model import load_model, write_checkpoint
 
 SHARDED_PARTS = ("attn.wq_b.", "attn.wo_a.", "attn.wo_b.", "attn.attn_sink", "indexer.wq_b.",
                  "indexer.weights_proj.", "embed.", "head.", "ffn.experts.")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def _is_sharded(name: str) -> bool:

@@ -54,7 +54,10 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    # a multi-process engine's driver takes its share of the cores (dsv4.engine.worker)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -113,7 +113,7 @@ class Workers:
 
 def _spec(engine_args: object, parallel: ParallelConfig, plan: LaunchPlan, timeout_s: float
           ) -> RankSpec:
-    path = str(engine_args.model_path(announce=plan.is_driver_node))  # resolved once, here
+    path = str(engine_args.model_path())  # resolved once, here
     parallel.check(ModelConfig.from_pretrained(path))  # a bad layout fails before any spawn
     return RankSpec(replace(engine_args, model=path), parallel, plan.host,
                     plan.port or free_port(plan.host), timeout_s, plan.nnodes, plan.local_rank)

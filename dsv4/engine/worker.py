@@ -48,15 +48,25 @@ class RankSpec:
     local_rank_of: int | None = None  # under torchrun: LOCAL_RANK of this process
 
     @property
+    def device_type(self) -> str:
+        """cuda or cpu (no --device: cuda where torch sees a GPU, as for one process)."""
+        device = self.engine_args.device
+        if device is None:
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if str(device).startswith("cuda") else "cpu"
+
+    @property
     def backend(self) -> str:
-        return "nccl" if str(self.engine_args.device or "").startswith("cuda") else "gloo"
+        return "nccl" if self.device_type == "cuda" else "gloo"
 
 
-def _device(spec: RankSpec, rank: int) -> str | None:
-    device = spec.engine_args.device
-    if device is None or not str(device).startswith("cuda"):
-        return device
+def _device(spec: RankSpec, rank: int) -> str:
+    """This rank's device: its own GPU on its node (by local rank), or the CPU, whose cores the
+    node's ranks share (each takes its part for its torch threads, instead of all of them)."""
     per_node = spec.parallel.world_size // spec.nodes
+    if spec.device_type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+        return "cpu"
     local = rank % per_node if spec.local_rank_of is None else spec.local_rank_of
     torch.cuda.set_device(local)
     return f"cuda:{local}"
