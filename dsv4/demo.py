@@ -25,7 +25,7 @@ DEMO_VERSION = 2  # bump when DEMO_CONFIG or the writer's format changes
 DEMO_CONFIG = ModelConfig(
     hidden_size=128, num_hidden_layers=4, num_attention_heads=4, head_dim=128,
     qk_rope_head_dim=32, q_lora_rank=64, o_groups=4, o_lora_rank=128,
-    compress_ratios=(0, 4, 128, 4), index_n_heads=4, index_head_dim=128, index_topk=64,
+    compress_ratios=(0, 4, 128, 4), index_n_heads=8, index_head_dim=64, index_topk=64,
     n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, num_hash_layers=1,
 )
 _NOTE = "RANDOM WEIGHTS: dsv4's embedded demo model; it is not trained and outputs gibberish"

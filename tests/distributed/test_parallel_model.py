@@ -152,3 +152,13 @@ def test_pro_fp8_experts_need_expert_parallelism_at_16_ranks():
 
     with pytest.raises(ParallelLayoutError, match="192 per rank"):
         ParallelConfig(16).check(PRESETS["v4-pro"].replace(expert_dtype="fp8"))
+
+
+@pytest.mark.parametrize("layout", [ParallelConfig(2), ParallelConfig(4),
+                                    ParallelConfig(4, enable_expert_parallel=True),
+                                    ParallelConfig(1, 2, True)])
+def test_the_demo_model_splits(layout):
+    """`dsv4 serve -tp 2` works out of the box on the embedded demo model."""
+    from dsv4.demo import DEMO_CONFIG
+
+    layout.check(DEMO_CONFIG)
