@@ -145,7 +145,8 @@ class AsyncLLM:
         """Stop the engine thread; every open stream fails with EngineDeadError."""
         self.begin_shutdown()
         self._thread.join(timeout)
-        self.engine.shutdown()
+        # a thread still inside a step owns the workers' control channel: end them without it
+        self.engine.shutdown(graceful=not self._thread.is_alive())
 
     def failure(self) -> str | None:
         """Why the engine cannot serve any more (a worker rank died or hung), or None."""

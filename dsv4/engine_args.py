@@ -244,8 +244,12 @@ class EngineArgs:
         return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size,
                               self.enable_expert_parallel)
 
-    def create_engine_config(self, model: DeepseekV4ForCausalLM) -> EngineConfig:
-        """The frozen EngineConfig for this loaded model, device-aware defaults resolved."""
+    def create_engine_config(self, model: DeepseekV4ForCausalLM,
+                             memory_sharers: int = 1) -> EngineConfig:
+        """The frozen EngineConfig for this loaded model, device-aware defaults resolved.
+        memory_sharers: ranks of a multi-process engine that share this device's memory (the
+        CPU ranks of a node); each takes its part of the utilization. With several ranks every
+        one profiles, so the profiling forward's collectives meet."""
         from dsv4.cache.block_manager import BlockManager
         from dsv4.cache.spec import build_cache_specs
         from dsv4.engine.engine_config import MAX_MODEL_LEN, EngineConfig
@@ -288,7 +292,8 @@ class EngineArgs:
             return profile_forward_peak(forward, device)
 
         utilization = self.gpu_memory_utilization if cuda else self.cpu_memory_utilization
-        budget = kv_cache_budget(device, needed, utilization, profile)
+        budget = kv_cache_budget(device, needed, utilization / memory_sharers, profile,
+                                 always_profile=model.parallel.config.world_size > 1)
         return config.replace(kv_cache_memory=budget)
 
 

@@ -19,6 +19,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import AllgatherOptions
 
 __all__ = ["Comm", "new_group", "DEFAULT_TIMEOUT"]
 
@@ -95,13 +96,16 @@ class Comm:
             return [obj]
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.size)]
-        self.group.allgather([sizes], [torch.tensor([data.numel()])]).wait()
+        opts = AllgatherOptions()
+        if timeout is not None:
+            opts.timeout = timeout
+        self.group.allgather([sizes], [torch.tensor([data.numel()])], opts).wait()
         longest = max(int(n.item()) for n in sizes)
         padded = torch.zeros(longest, dtype=torch.uint8)
         padded[:data.numel()] = data
         parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)]
         self.counts["all_gather_object"] += 1
-        self.group.allgather([parts], [padded]).wait()
+        self.group.allgather([parts], [padded], opts).wait()
         return [pickle.loads(part[:int(n.item())].numpy().tobytes())
                 for part, n in zip(parts, sizes)]
 

@@ -56,12 +56,14 @@ class ParallelContext:
         world = list(range(config.world_size))
         tp = config.tp_group(rank)
         dp = config.dp_group(rank)
+        # the control group first: building it waits for every rank without a practical limit,
+        # so the others (built with `timeout`) start with all ranks present
+        control = new_group(store, "control", world, rank, "gloo", _IDLE_TIMEOUT)
         return cls(config, rank,
                    tp=new_group(store, f"tp{tp[0]}", tp, rank, backend, timeout),
                    dp=new_group(store, f"dp{dp[0]}", dp, rank, backend, timeout),
                    moe=new_group(store, "moe", world, rank, backend, timeout),
-                   control=new_group(store, "control", world, rank, "gloo", _IDLE_TIMEOUT),
-                   timeout=timeout)
+                   control=control, timeout=timeout)
 
     @property
     def is_driver(self) -> bool:

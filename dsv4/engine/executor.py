@@ -18,10 +18,8 @@ import multiprocessing as mp
 import socket
 import threading
 from dataclasses import replace
-from datetime import timedelta
 from multiprocessing.connection import wait
 
-import torch.distributed as dist
 
 from dsv4.config import ModelConfig
 from dsv4.distributed import ParallelConfig
@@ -30,7 +28,7 @@ from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.model_runner import ModelRunner, StepResult
 from dsv4.engine.outputs import WorkerDiedError
 from dsv4.engine.launch_plan import LaunchPlan
-from dsv4.engine.worker import STOP, RankSpec, load_rank, worker_main
+from dsv4.engine.worker import STOP, RankSpec, load_rank, open_store, worker_main
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
 __all__ = ["Workers", "WorkerDiedError", "start_workers", "run_worker_node", "free_port"]
@@ -85,23 +83,30 @@ class Workers:
     def explain(self, exc: BaseException) -> WorkerDiedError:
         """The error to raise for a collective that failed under `exc`."""
         reason = self._failure or (
-            f"a collective failed or timed out after {self.spec.timeout_s:.0f} s (a worker "
-            f"hung or its connection broke): {exc}")
+            f"a step failed across ranks (a collective broke or waited past --dist-timeout "
+            f"{self.spec.timeout_s:.0f} s, or a rank raised), so the ranks are no longer in "
+            f"step: {exc}")
         self._failure = reason
         return WorkerDiedError(reason)
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 10.0, graceful: bool = True) -> None:
+        """Ask the workers to stop (graceful: a stop message, when no step is running and none
+        has failed), then end whatever is left."""
         if self._stopping:
             return
         self._stopping = True
         atexit.unregister(self.shutdown)
-        if self.control is not None and self._failure is None:
+        # the monitor ends within its 1 s poll; after that only this thread reaps the processes
+        # (two threads waiting on one child can each miss its exit)
+        if threading.current_thread() is not self._monitor:
+            self._monitor.join(2.0)
+        if graceful and self.control is not None and self._failure is None:
             try:
                 self.control.broadcast_object(STOP)
             except Exception:  # noqa: BLE001 - a broken group: the processes are ended below
                 pass
         for p in self.processes.values():
-            p.join(timeout)
+            p.join(timeout if graceful else 0.5)
         for p in self.processes.values():
             if p.is_alive():
                 p.terminate()
@@ -128,19 +133,13 @@ def _spawn(spec: RankSpec, ranks: list[int]) -> dict[int, mp.Process]:
     return processes
 
 
-def _store(spec: RankSpec, plan: LaunchPlan) -> dist.TCPStore:
-    return dist.TCPStore(spec.host, spec.port, spec.parallel.world_size,
-                         is_master=plan.host_store, timeout=timedelta(seconds=spec.timeout_s),
-                         wait_for_workers=False)
-
-
 def start_workers(engine_args: object, parallel: ParallelConfig, plan: LaunchPlan,
                   timeout_s: float = 120.0, *, progress: bool = False
                   ) -> tuple[DeepseekV4ForCausalLM, EngineConfig, Workers]:
     """The driver (rank 0): spawn this node's other ranks, load the driver's part; returns
     (model, engine config, workers)."""
     spec = _spec(engine_args, parallel, plan, timeout_s)
-    store = _store(spec, plan)
+    store = open_store(spec, plan.host_store)
     workers = Workers(_spawn(spec, [r for r in plan.local_ranks() if r != 0]), spec)
     try:
         model, config = load_rank(spec, 0, store, progress)
@@ -161,8 +160,23 @@ def run_worker_node(engine_args: object, parallel: ParallelConfig, plan: LaunchP
     spec = _spec(engine_args, parallel, plan, timeout_s)
     first, *others = plan.local_ranks()
     processes = _spawn(spec, others)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker_main(spec, first, spawned=False)
+        except BaseException as exc:  # re-raised in the main thread below
+            errors.append(exc)
+
+    # the rank runs in a thread: the main thread stays in Python, so Ctrl-C and SIGTERM are
+    # handled even while the rank waits in a collective
+    thread = threading.Thread(target=run, name=f"dsv4-rank{first}", daemon=True)
+    thread.start()
     try:
-        worker_main(spec, first, spawned=False)
+        while thread.is_alive():
+            thread.join(0.5)
+        if errors:
+            raise errors[0]
     finally:
         for p in processes.values():
             p.join(10.0)

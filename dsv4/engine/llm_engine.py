@@ -189,10 +189,12 @@ class LLMEngine:
         """Why this engine cannot serve any more (a worker rank died), or None."""
         return self.workers.failure() if self.workers is not None else None
 
-    def shutdown(self) -> None:
-        """Stop the worker processes of a multi-process engine (nothing to do otherwise)."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the worker processes of a multi-process engine (nothing to do otherwise);
+        graceful=False when another thread may still be in a step: the workers are ended
+        without a stop message."""
         if self.workers is not None:
-            self.workers.shutdown()
+            self.workers.shutdown(graceful=graceful)
 
     def _fail_all(self, error: WorkerDiedError) -> WorkerDiedError:
         """Abort every request (their blocks are freed) and stop the workers."""

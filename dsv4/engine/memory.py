@@ -71,9 +71,10 @@ def profile_forward_peak(forward: Callable[[], object], device: torch.device) ->
 
 
 def kv_cache_budget(device: torch.device, needed: int, utilization: float,
-                    profile: Callable[[], int]) -> int:
+                    profile: Callable[[], int], always_profile: bool = False) -> int:
     """The KV-cache byte budget (see the module docstring); ``profile()`` returns a forward's
-    activation peak and is called only when needed."""
+    activation peak and is called only when needed (or always: the ranks of a multi-process
+    engine must all run the profiling forward, whose collectives meet)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         peak = profile()
@@ -85,7 +86,7 @@ def kv_cache_budget(device: torch.device, needed: int, utilization: float,
     else:
         available = available_memory(device)
         share = int(available * utilization)
-        if needed > share:
+        if needed > share or always_profile:
             peak = profile()
             share -= peak
             logger.info("memory: %.2f GiB available x %.2f, %.2f GiB activation peak -> %.2f "

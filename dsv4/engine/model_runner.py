@@ -103,8 +103,8 @@ class ModelRunner:
         """Log-softmax of the logits at each scheduled position p < prompt length - 1 of rows
         whose params ask for prompt_logprobs, scored against prompt token p + 1."""
         found: PromptLogprobs = {}
-        # a follower rank has no sampling params (the driver scores prompts); most steps have no
-        # row that asks
+        # most steps have no row that asks; every rank of a multi-process engine gets the same
+        # batch, so all ranks of a tensor-parallel group make the same head calls here
         if not any(p.prompt_logprobs is not None for p in batch.sampling_params):
             return found
         begin = 0

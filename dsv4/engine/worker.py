@@ -12,6 +12,7 @@ them."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -25,14 +26,16 @@ import torch.distributed as dist
 from dsv4.cache.block_manager import BlockManager
 from dsv4.distributed import ParallelConfig, ParallelContext
 from dsv4.engine.engine_config import EngineConfig
-from dsv4.engine.model_runner import ModelRunner
+from dsv4.engine.model_runner import ModelRunner, StepResult
+from dsv4.engine.sampler import LogprobsTensors, SamplerOutput
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
-__all__ = ["RankSpec", "load_rank", "worker_main", "STOP"]
+__all__ = ["RankSpec", "load_rank", "open_store", "worker_main", "STOP"]
 
 logger = logging.getLogger(__name__)
 
 STOP = "stop"  # the control message that ends a worker's loop
+_STORE_TIMEOUT = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -83,9 +86,20 @@ def load_rank(spec: RankSpec, rank: int, store: dist.Store, progress: bool = Fal
                                 timedelta(seconds=spec.timeout_s))
     model = load_model(args.model_path(), device=device, dtype=args.torch_dtype,
                        emulate_quant=args.emulate_quant, progress=progress, parallel=ctx)
-    config = args.create_engine_config(model)  # a profiled forward joins the collectives
+    # ranks finish loading minutes apart (disks, nodes): meet first on the control group, which
+    # has no practical timeout, before the first collective that has one
+    ctx.control.barrier()
+    sharers = spec.parallel.world_size // spec.nodes if spec.device_type == "cpu" else 1
+    config = args.create_engine_config(model, sharers)  # a profiled forward on every rank
     budgets = ctx.control.all_gather(torch.tensor([config.kv_cache_memory], dtype=torch.long))
     return model, config.replace(kv_cache_memory=int(budgets.min()))
+
+
+def open_store(spec: RankSpec, is_master: bool) -> dist.TCPStore:
+    """The rendezvous store. Its timeout is long: other nodes may start minutes apart, and a
+    rank that cannot reach it at all still fails (after an hour) rather than never."""
+    return dist.TCPStore(spec.host, spec.port, spec.parallel.world_size, is_master=is_master,
+                         timeout=_STORE_TIMEOUT, wait_for_workers=False)
 
 
 def _exit_with_parent() -> None:
@@ -100,15 +114,27 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="dsv4-parent-watch", daemon=True).start()
 
 
+def _on_cpu(result: StepResult) -> StepResult:
+    """A step's result with its tensors on the CPU (unpickled in the driver, a GPU tensor would
+    open a CUDA context on this rank's GPU there)."""
+    sampled, out, prompt_lps = result
+
+    def cpu(t: LogprobsTensors | None) -> LogprobsTensors | None:
+        return None if t is None else LogprobsTensors(
+            *(getattr(t, f.name).cpu() for f in dataclasses.fields(t)))
+
+    if out is not None:
+        out = SamplerOutput(out.sampled_token_ids.cpu(), cpu(out.logprobs))
+    return sampled, out, {rid: (start, cpu(t)) for rid, (start, t) in prompt_lps.items()}
+
+
 def worker_main(spec: RankSpec, rank: int, spawned: bool = True) -> None:
     """A worker: load, then run the driver's batches until told to stop. `spawned`: a process
     that dsv4 started, which ends itself when its parent is gone."""
     if spawned:
         _exit_with_parent()
     logging.basicConfig(level=logging.WARNING, format=f"dsv4 rank {rank}: %(message)s")
-    store = dist.TCPStore(spec.host, spec.port, spec.parallel.world_size, is_master=False,
-                          timeout=timedelta(seconds=spec.timeout_s))
-    model, config = load_rank(spec, rank, store)
+    model, config = load_rank(spec, rank, open_store(spec, is_master=False))
     runner = ModelRunner(model, BlockManager.from_config(model.config, config),
                          config.kv_cache_dtype, config.index_cache_dtype,
                          config.compressor_state_dtype)
@@ -119,5 +145,5 @@ def worker_main(spec: RankSpec, rank: int, spawned: bool = True) -> None:
         if batches == STOP:
             return
         result = runner.execute(batches[group])
-        if len(batches) > 1:  # the driver collects every group's tokens
-            parallel.control.all_gather_object(result, timeout=parallel.timeout)
+        if len(batches) > 1:  # the driver collects every group's tokens, as CPU tensors
+            parallel.control.all_gather_object(_on_cpu(result), timeout=parallel.timeout)

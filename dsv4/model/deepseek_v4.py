@@ -188,6 +188,7 @@ class DeepseekV4ForCausalLM(nn.Module):
 
         h [B, T, hc_mult, dim] at positions start_pos..; next_ids [B, T]."""
         block: MTPBlock = self.mtp[depth]
+        self.parallel.begin_step(next_ids)  # the MoE of a DP-attention model routes these ids
         e = block.e_proj(block.enorm(self.embed(next_ids, h.dtype)))
         x = e.unsqueeze(2) + block.h_proj(block.hnorm(h))
         seg = Segment(0, next_ids.shape[1], start_pos, cache.layers[len(self.layers) + depth])
