@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dsv4.distributed import ParallelConfig
 from dsv4.engine.launch_plan import LaunchError, LaunchPlan
 
 if TYPE_CHECKING:
-    from dsv4.distributed import ParallelConfig
     from dsv4.engine.llm_engine import LLMEngine
     from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
     from dsv4.engine.engine_config import EngineConfig
@@ -121,6 +121,10 @@ class EngineArgs:
     enable_expert_parallel: bool = field(default=False, metadata=_opt(
         "split the routed experts whole over all ranks (EP) instead of splitting every "
         "expert's width"))
+    expert_parallel_size: int | None = field(default=None, metadata=_opt(
+        "groups the routed experts are split into, whole (SGLang's --ep-size; default: all "
+        "ranks with --enable-expert-parallel, else none); the world / EP ranks of a group split "
+        "each expert's width", type=int, aliases=("-ep",)))
     nnodes: int = field(default=1, metadata=_opt(
         "nodes the ranks are spread over (the same flags on every node, with --node-rank and "
         "--dist-init-addr)", type=int))
@@ -151,7 +155,8 @@ class EngineArgs:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got "
                                  f"{getattr(self, f.name)!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "tensor_parallel_size", "data_parallel_size", "nnodes"):
+                     "tensor_parallel_size", "data_parallel_size", "nnodes",
+                     "expert_parallel_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
@@ -160,6 +165,7 @@ class EngineArgs:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        self.parallel_config()  # a layout that cannot exist fails here, naming the sizes
         if not isinstance(self.dist_timeout, (int, float)) or self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be a positive number of seconds, got "
                              f"{self.dist_timeout!r}")
@@ -239,10 +245,8 @@ class EngineArgs:
         run_worker_node(self, self.parallel_config(), self.launch_plan(), self.dist_timeout)
 
     def parallel_config(self) -> ParallelConfig:
-        from dsv4.distributed import ParallelConfig
-
         return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size,
-                              self.enable_expert_parallel)
+                              self.enable_expert_parallel, self.expert_parallel_size or 0)
 
     def create_engine_config(self, model: DeepseekV4ForCausalLM,
                              memory_sharers: int = 1) -> EngineConfig:

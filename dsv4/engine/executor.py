@@ -17,6 +17,7 @@ import logging
 import multiprocessing as mp
 import socket
 import threading
+import time
 from dataclasses import replace
 from multiprocessing.connection import wait
 
@@ -81,7 +82,13 @@ class Workers:
         return self._failure
 
     def explain(self, exc: BaseException) -> WorkerDiedError:
-        """The error to raise for a collective that failed under `exc`."""
+        """The error to raise for a collective that failed under `exc`. A dead worker breaks
+        the collective before the monitor has seen its exit: give the monitor a moment to name
+        the rank."""
+        deadline = time.monotonic() + 1.5
+        while self._failure is None and time.monotonic() < deadline \
+                and self._monitor.is_alive():
+            time.sleep(0.02)
         reason = self._failure or (
             f"a step failed across ranks (a collective broke or waited past --dist-timeout "
             f"{self.spec.timeout_s:.0f} s, or a rank raised), so the ranks are no longer in "

@@ -22,6 +22,7 @@ BASE = dict(device="cpu", dtype=torch.float64, max_model_len=256, block_size=16,
 LAYOUTS = {"tp2": dict(tensor_parallel_size=2),
            "tp2-ep": dict(tensor_parallel_size=2, enable_expert_parallel=True),
            "tp4-ep": dict(tensor_parallel_size=4, enable_expert_parallel=True),
+           "tp4-ep2": dict(tensor_parallel_size=4, expert_parallel_size=2),  # -ep 2: 2 x 2
            "dp2-ep": dict(data_parallel_size=2, enable_expert_parallel=True),
            "tp2-dp2-ep": dict(tensor_parallel_size=2, data_parallel_size=2,
                               enable_expert_parallel=True)}
