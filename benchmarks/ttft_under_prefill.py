@@ -81,8 +81,8 @@ def main() -> None:
             print(f"{name}: step budget {budget} tokens; short request's TTFT {short:.3f} s; "
                   f"long prefill {long:.3f} s in {len(steps)} steps of {step:.3f} s on average "
                   f"(cold, alone: {cold:.3f} s); TTFT / mean step = {short / step:.2f}")
-        print(f"short TTFT ratio one-step / chunked = "
-              f"{results['one step (no chunking)'][0] / max(results['chunked (default)'][0], 1e-9):.1f}x")
+        one_step, chunked = results["one step (no chunking)"][0], results["chunked (default)"][0]
+        print(f"short TTFT ratio one-step / chunked = {one_step / max(chunked, 1e-9):.1f}x")
 
 
 def _time_steps(llm: AsyncLLM) -> list[float]:

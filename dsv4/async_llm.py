@@ -184,7 +184,8 @@ class AsyncLLM:
                 logger.error("engine stopped: %s", exc)
                 with self._lock:
                     self._stopped = True
-                self._fail_streams(lambda: EngineDeadError(f"the engine stopped: {exc}"))
+                stopped = f"the engine stopped: {exc}"
+                self._fail_streams(lambda: EngineDeadError(stopped))
                 return
             except StepError as exc:  # that step's requests were aborted by the engine
                 logger.exception("engine step failed; failing its requests")
@@ -197,7 +198,8 @@ class AsyncLLM:
                     open_ids = list(self._streams)
                 for rid in open_ids:
                     self._run_command(lambda rid=rid: self.engine.abort_request(rid))
-                self._fail_streams(lambda: RuntimeError(f"engine step failed: {exc}"))
+                failed = f"engine step failed: {exc}"
+                self._fail_streams(lambda: RuntimeError(failed))
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)

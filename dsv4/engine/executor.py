@@ -3,11 +3,13 @@
 `start_workers` spawns the other ranks of the driver's node as processes (spawn, not fork: a
 forked CUDA or thread state is unsafe), opens the rendezvous store (see LaunchPlan) and returns
 once the driver has its own part of the model; `run_worker_node` runs the ranks of a node
-without the driver. `run_step` sends each step's batches and collects the groups' results. A monitor thread watches the processes: a worker that exits is reported by
-`failure()` at once (the server's /health turns 503), and the driver's next collective fails
-instead of waiting (gloo notices the closed connection; a hung worker meets the collective
-timeout). `shutdown()` asks the workers to stop, then terminates and kills whatever is left, so
-no process outlives the engine.
+without the driver. `run_step` sends each step's batches and collects the groups' results.
+
+A monitor thread watches the processes: a worker that exits is reported by `failure()` at once
+(the server's /health turns 503), and the driver's next collective fails instead of waiting
+(gloo notices the closed connection; a hung worker meets the collective timeout). `shutdown()`
+asks the workers to stop, then terminates and kills whatever is left, so no process outlives
+the engine.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import time
 from dataclasses import replace
 from multiprocessing.connection import wait
 
+import torch.distributed as dist
 
 from dsv4.config import ModelConfig
 from dsv4.distributed import ParallelConfig
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.model_runner import ModelRunner, StepResult
-from dsv4.engine.outputs import WorkerDiedError
 from dsv4.engine.launch_plan import LaunchPlan
+from dsv4.engine.outputs import WorkerDiedError
 from dsv4.engine.worker import STOP, RankSpec, load_rank, open_store, worker_main
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
@@ -49,6 +52,7 @@ class Workers:
         self._failure: str | None = None
         self._stopping = False
         self.control = None  # the driver's control group, once loaded
+        self.store: dist.Store | None = None  # kept as long as the engine: the ranks' store
         self._monitor = threading.Thread(target=self._watch, name="dsv4-workers", daemon=True)
         self._monitor.start()
         atexit.register(self.shutdown)  # before multiprocessing's own exit handler
@@ -156,7 +160,7 @@ def start_workers(engine_args: object, parallel: ParallelConfig, plan: LaunchPla
             raise WorkerDiedError(workers.failure()) from exc
         raise
     workers.control = model.parallel.control
-    workers.store = store  # the store lives as long as the engine
+    workers.store = store
     return model, config, workers
 
 

@@ -60,7 +60,6 @@ class LLMEngine:
             for _ in range(groups)]
         self.scheduler = self.schedulers[0]
         self.block_manager = self.scheduler.block_manager
-        self._group: dict[str, int] = {}  # unfinished request -> its data-parallel group
         self.runner = ModelRunner(model, self.block_manager, engine_config.kv_cache_dtype,
                                   engine_config.index_cache_dtype,
                                   engine_config.compressor_state_dtype)
@@ -106,11 +105,9 @@ class LLMEngine:
         validate_prompt(prompt_token_ids, params, self.config.max_model_len,
                         self.model_config.vocab_size)
         # the least loaded data-parallel group takes it
-        group = min(range(len(self.schedulers)),
-                    key=lambda g: len(self.schedulers[g].requests))
-        self.schedulers[group].add_request(Request(request_id, prompt_token_ids, params,
-                                                   eos_token_id=self.eos_token_id))
-        self._group[request_id] = group
+        scheduler = min(self.schedulers, key=lambda s: len(s.requests))
+        scheduler.add_request(Request(request_id, prompt_token_ids, params,
+                                      eos_token_id=self.eos_token_id))
         self._params[request_id] = params
         if params.prompt_logprobs is not None:
             self._prompt_lps[request_id] = []
@@ -127,7 +124,9 @@ class LLMEngine:
         return self._convert(done)
 
     def _scheduler_of(self, request_id: str) -> Scheduler:
-        return self.schedulers[self._group.get(request_id, 0)]
+        """The data-parallel group's scheduler that holds the request (group 0's for an unknown
+        id, which every call ignores)."""
+        return next((s for s in self.schedulers if request_id in s.requests), self.scheduler)
 
     def has_unfinished_requests(self) -> bool:
         return any(s.has_unfinished_requests() for s in self.schedulers)
@@ -236,5 +235,4 @@ class LLMEngine:
             if so.finished:
                 self._params.pop(so.request_id, None)
                 self._prompt_lps.pop(so.request_id, None)
-                self._group.pop(so.request_id, None)
         return results

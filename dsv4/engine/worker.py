@@ -51,6 +51,10 @@ class RankSpec:
     local_rank_of: int | None = None  # under torchrun: LOCAL_RANK of this process
 
     @property
+    def ranks_per_node(self) -> int:
+        return self.parallel.world_size // self.nodes
+
+    @property
     def device_type(self) -> str:
         """cuda or cpu (no --device: cuda where torch sees a GPU, as for one process)."""
         device = self.engine_args.device
@@ -66,11 +70,10 @@ class RankSpec:
 def _device(spec: RankSpec, rank: int) -> str:
     """This rank's device: its own GPU on its node (by local rank), or the CPU, whose cores the
     node's ranks share (each takes its part for its torch threads, instead of all of them)."""
-    per_node = spec.parallel.world_size // spec.nodes
     if spec.device_type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.ranks_per_node))
         return "cpu"
-    local = rank % per_node if spec.local_rank_of is None else spec.local_rank_of
+    local = rank % spec.ranks_per_node if spec.local_rank_of is None else spec.local_rank_of
     torch.cuda.set_device(local)
     return f"cuda:{local}"
 
@@ -89,7 +92,7 @@ def load_rank(spec: RankSpec, rank: int, store: dist.Store, progress: bool = Fal
     # ranks finish loading minutes apart (disks, nodes): meet first on the control group, which
     # has no practical timeout, before the first collective that has one
     ctx.control.barrier()
-    sharers = spec.parallel.world_size // spec.nodes if spec.device_type == "cpu" else 1
+    sharers = spec.ranks_per_node if spec.device_type == "cpu" else 1  # the node's RAM
     config = args.create_engine_config(model, sharers)  # a profiled forward on every rank
     budgets = ctx.control.all_gather(torch.tensor([config.kv_cache_memory], dtype=torch.long))
     return model, config.replace(kv_cache_memory=int(budgets.min()))

@@ -158,7 +158,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.window = config.sliding_window
         self.scale = config.head_dim**-0.5
-        rows, cols = split(self.tp, 0), split(self.tp, 1)
+        rows, cols = split(0, self.tp.size, self.tp.rank), split(1, self.tp.size, self.tp.rank)
         self.wq_a = Linear(config.hidden_size, config.q_lora_rank, fmt, sdt)
         self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, fmt, sdt, rows)
@@ -169,7 +169,7 @@ class Attention(nn.Module):
         self.wo_b = Linear(self.n_groups * config.o_lora_rank, config.hidden_size, fmt, sdt,
                            cols)
         self.attn_sink = nn.Parameter(torch.empty(self.n_heads), requires_grad=False)
-        self.shards = {"attn_sink": rows} if rows else {}
+        self.shards = {"attn_sink": rows}
         self.rope = rope or RotaryEmbedding(config, compressed=ratio > 0)
         self.compressor = (Compressor(config, ratio, self.head_dim, rotate=False, rope=self.rope)
                            if ratio else None)

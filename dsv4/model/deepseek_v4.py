@@ -91,8 +91,7 @@ class VocabParallelEmbedding(nn.Embedding):
     def __init__(self, vocab_size: int, dim: int, parallel: ParallelContext) -> None:
         self.tp = parallel.tp
         super().__init__(vocab_size // self.tp.size, dim)
-        rows = split(self.tp, 0)
-        self.shards = {"weight": rows} if rows else {}
+        self.shards = {"weight": split(0, self.tp.size, self.tp.rank)}
         self.first = self.tp.rank * (vocab_size // self.tp.size)
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -122,8 +121,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             for i, r in enumerate(config.compress_ratios))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.head = nn.Linear(d, config.vocab_size // par.tp.size, bias=False)
-        head_rows = split(par.tp, 0)
-        self.head.shards = {"weight": head_rows} if head_rows else {}
+        self.head.shards = {"weight": split(0, par.tp.size, par.tp.rank)}
         self.hc_head_fn, self.hc_head_base = _fp32_param(n, n * d), _fp32_param(n)
         self.hc_head_scale = _fp32_param(1)
         self.mtp = nn.ModuleList(

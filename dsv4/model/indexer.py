@@ -56,7 +56,7 @@ class Indexer(nn.Module):
         # weights are scaled by the whole model's head count, whatever the split
         self.weight_scale = self.head_dim**-0.5 * config.index_n_heads**-0.5
         self.topk = config.index_topk
-        rows = split(self.tp, 0)
+        rows = split(0, self.tp.size, self.tp.rank)
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, wq_b_fmt,
                            shard=rows)
         self.weights_proj = Linear(config.hidden_size, self.n_heads, shard=rows)

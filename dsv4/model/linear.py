@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.distributed.comm import Comm
 from dsv4.quant import dequant_fp4, dequant_fp8
 
 __all__ = ["Linear", "FORMAT_DTYPES", "Shard", "split"]
@@ -28,9 +27,9 @@ FORMAT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp4": torch.int8}
 Shard = tuple[int, int, int]
 
 
-def split(comm: Comm, dim: int) -> Shard | None:
-    """This rank's part along `dim` when a tensor is split over `comm` (None: not split)."""
-    return (dim, comm.size, comm.rank) if comm.size > 1 else None
+def split(dim: int, parts: int, index: int) -> Shard | None:
+    """Part `index` of `parts` along `dim` (None: one part, the tensor is whole)."""
+    return (dim, parts, index) if parts > 1 else None
 
 
 class Linear(nn.Module):
@@ -41,8 +40,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         # what the loader slices from the stored tensors (read by dsv4.model.loader)
-        self.shards: dict[str, Shard] = (
-            {"weight": shard, "scale": shard} if shard and shard[1] > 1 else {})
+        self.shards = {"weight": shard, "scale": shard}
         if fmt == "fp8":
             self.weight = nn.Parameter(
                 torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),

@@ -86,19 +86,20 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for stored in f.keys():
-                if hf:
-                    items = official_items(stored, f.get_tensor(stored), hf)
-                    items = ((n, _take(t, _shard_of(model, n))) for n, t in items)
-                elif stored in expected:  # only this rank's part of a split tensor is read
-                    items = iter([(stored, _read_part(f, stored, _shard_of(model, stored)))])
-                else:
-                    items = iter([(stored, None)])
+                # official names are read lazily (None): only this rank's part, and nothing of
+                # another rank's experts; transformers' merged tensors have to be read whole
+                items = (official_items(stored, f.get_tensor(stored), hf) if hf
+                         else [(stored, None)])
                 for name, tensor in items:
-                    if tensor is None or name not in expected:
+                    if name not in expected:
                         if _other_ranks_expert(name, config.n_routed_experts):
                             continue
-                        shape = tuple(f.get_slice(stored).get_shape())
+                        shape = tuple(tensor.shape if tensor is not None
+                                      else f.get_slice(stored).get_shape())
                         raise CheckpointError(f"unexpected tensor {name} {shape} in checkpoint")
+                    shard = _shard_of(model, name)
+                    tensor = (_read_part(f, name, shard) if tensor is None
+                              else _take(tensor, shard))
                     _assign(model, expected, name, tensor, device)
                     loaded.add(name)
                 bar.update(1)
@@ -141,11 +142,9 @@ def _other_ranks_expert(name: str, n_experts: int) -> bool:
 
 
 def _shard_of(model: torch.nn.Module, name: str) -> Shard | None:
+    """The part of the stored tensor `name` (a name the model has) that this rank holds."""
     module_name, _, attr = name.rpartition(".")
-    try:
-        module = model.get_submodule(module_name) if module_name else model
-    except AttributeError:
-        return None
+    module = model.get_submodule(module_name) if module_name else model
     return getattr(module, "shards", {}).get(attr)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.layers import upcast
-from dsv4.model.linear import Linear, Shard
+from dsv4.model.linear import Linear, split
 
 __all__ = ["MoE", "Expert", "Gate"]
 
@@ -44,11 +44,9 @@ class Expert(nn.Module):
         """inter: the whole width; a rank holding part `index` of `parts` keeps inter/parts
         rows of w1/w3 and the matching w2 columns."""
         super().__init__()
-        width = inter // parts
-        rows: Shard | None = (0, parts, index) if parts > 1 else None
-        cols: Shard | None = (1, parts, index) if parts > 1 else None
+        width, rows = inter // parts, split(0, parts, index)
         self.w1 = Linear(dim, width, fmt, scale_dtype, rows)
-        self.w2 = Linear(width, dim, fmt, scale_dtype, cols)
+        self.w2 = Linear(width, dim, fmt, scale_dtype, split(1, parts, index))
         self.w3 = Linear(dim, width, fmt, scale_dtype, rows)
         self.limit = limit
 

@@ -164,8 +164,7 @@ def _serve(args: argparse.Namespace, engine_args: EngineArgs, names: list[str],
         banner = (f"model: {', '.join(names)}  max_model_len: {llm.max_model_len}  "
                   f"effort profile: {profile}  thinking by default: {args.default_thinking}  "
                   f"api key: {'required' if api_key else 'none'}")
-        server = _Server(config, banner, llm)
-        server.run(sockets=[sock])
+        _Server(config, banner, llm).run(sockets=[sock])
     finally:
         llm.shutdown()
     failure = llm.failure()
