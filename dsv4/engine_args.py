@@ -111,6 +111,9 @@ class EngineArgs:
     compressor_state_dtype: str = field(default="auto", metadata=_opt(
         "compressor window state (auto: fp64 for an fp64 model, else fp32)",
         choices=("auto", "fp32", "bf16", "fp64")))
+    enable_prefix_caching: bool = field(default=True, metadata=_opt(
+        "reuse the cache of a prompt's longest cached prefix (whole blocks, every cache kind); "
+        "--no-enable-prefix-caching turns it off"))
     tensor_parallel_size: int = field(default=1, metadata=_opt(
         "ranks that split attention heads, indexer heads, output groups, embedding and head "
         "(and, with the data-parallel ranks, the routed experts); one process per rank, "
@@ -278,11 +281,13 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs or (256 if cuda else 32),
             max_num_batched_tokens=self.max_num_batched_tokens or (8192 if cuda else 2048),
             block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
-            kv_cache_dtype=kv, index_cache_dtype=index, compressor_state_dtype=state)
+            kv_cache_dtype=kv, index_cache_dtype=index, compressor_state_dtype=state,
+            enable_prefix_caching=self.enable_prefix_caching)
         config.check_model(model.config)
         if config.kv_cache_memory is not None:
             return config
-        specs = build_cache_specs(model.config, kv, index, state)
+        specs = build_cache_specs(model.config, kv, index, state,
+                                  prefix_caching=self.enable_prefix_caching)
         needed = BlockManager.memory_needed(specs, config)
 
         def profile() -> int:

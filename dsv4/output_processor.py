@@ -33,6 +33,8 @@ class Delta:
     stop_reason: int | str | None = None
     # with the first tokens, when asked: None, then one per prompt token after the first
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # prompt tokens the prefix cache held, on the first delta that knows it
+    num_cached_tokens: int | None = None
 
 
 @dataclass
@@ -59,6 +61,9 @@ class RequestOutput:
     # with SamplingParams(prompt_logprobs=N): None for the first prompt token, then each
     # token's logprob given the ones before it, with the top-N
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # prompt tokens computed by an earlier request and taken from the prefix cache (vLLM's
+    # field; with n > 1, the first completion's)
+    num_cached_tokens: int | None = None
 
 
 class CompletionState:
@@ -66,6 +71,7 @@ class CompletionState:
         self.output = CompletionOutput(index)
         self.params = params
         self.detok = IncrementalDetokenizer(tokenizer, params)
+        self.num_cached_tokens: int | None = None  # the first engine request's prefix-cache hit
 
     @property
     def token_ids(self) -> list[int]:
@@ -81,15 +87,21 @@ class CompletionState:
         return self.output.finish_reason is not None
 
     def add(self, token_ids: list[int], logprobs: list[TokenLogprobs] | None = None,
-            prompt_logprobs: list[TokenLogprobs | None] | None = None) -> Delta:
-        """Tokens that continue the completion (sampled or forced)."""
+            prompt_logprobs: list[TokenLogprobs | None] | None = None,
+            num_cached_tokens: int | None = None) -> Delta:
+        """Tokens that continue the completion (sampled or forced). The first known
+        ``num_cached_tokens`` is kept: later engine requests of one completion (the server's
+        phases) continue its own tokens, which are not the client's prompt."""
+        if self.num_cached_tokens is None:
+            self.num_cached_tokens = num_cached_tokens
         out = self.output
         out.token_ids.extend(token_ids)
         if logprobs is not None:
             out.logprobs = (out.logprobs or []) + list(logprobs)
         text = self.detok.add(token_ids)
         out.text += text
-        return Delta(out.index, token_ids, text, logprobs, prompt_logprobs=prompt_logprobs)
+        return Delta(out.index, token_ids, text, logprobs, prompt_logprobs=prompt_logprobs,
+                     num_cached_tokens=self.num_cached_tokens)
 
     def finish(self, finish_reason: str | None, stop_reason: int | str | None = None) -> Delta:
         """End the completion; a matched stop string overrides the reason. Returns the last
@@ -107,7 +119,7 @@ class CompletionState:
         completion or a stop string matched (then the caller must finish the engine
         request)."""
         o = engine_output
-        delta = self.add(o.new_token_ids, o.logprobs, o.prompt_logprobs)
+        delta = self.add(o.new_token_ids, o.logprobs, o.prompt_logprobs, o.num_cached_tokens)
         if o.finished or self.stopped is not None:
             last = self.finish(o.finish_reason, o.stop_reason)
             delta.text += last.text
@@ -144,4 +156,4 @@ class RequestState:
         assert len(self.prompts) == 1, "RequestOutput covers one prompt"
         return RequestOutput(self.request_id, self.texts[0], self.prompts[0],
                              [c.output for c in self.completions], self.finished,
-                             self.prompt_logprobs)
+                             self.prompt_logprobs, self.completions[0].num_cached_tokens)

@@ -6,6 +6,14 @@ block_size / 4 csa entries, block_size / hca_ratio hca entries. One BlockPool pe
 sized from its share of ``kv_cache_memory``; a fixed pool of compressor-state slots (one per
 running request). Invariant: after ``allocate`` every token in [num_computed_tokens, end) has a
 slot in every kind; swa blocks wholly behind the window are returned. Pure Python: no tensors.
+
+Prefix caching (on when a hash seed is given): once a logical block is full, its block in every
+kind is registered under the block's chained hash (``cache_blocks``). A new request takes the
+longest cached prefix that ends at a block boundary P and has, in every kind, what the next
+token needs (``find_cached_prefix``): csa and hca blocks [0, P / B) and the swa blocks of the
+window before P; the swa block that ends at P also carries CSA's previous-window rows there (the
+model runner copies them into the request's state slot). Freed cached blocks stay findable until
+the pool hands them out again, least recently freed first.
 """
 
 from __future__ import annotations
@@ -13,14 +21,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from dsv4.cache import block_hash
 from dsv4.cache.block_pool import NULL_BLOCK_ID, BlockPool
 from dsv4.cache.spec import CacheKind, CacheSpec, build_cache_specs, state_bytes_per_seq
 from dsv4.config import ModelConfig
 
-__all__ = ["BlockManager", "CacheSizing"]
+__all__ = ["BlockManager", "CacheSizing", "CachedPrefix", "NO_PREFIX"]
 
 
 class CacheSizing(Protocol):
@@ -42,8 +52,22 @@ class CacheSizing(Protocol):
     def index_cache_dtype(self) -> str | None: ...
     @property
     def compressor_state_dtype(self) -> str: ...
+    @property
+    def enable_prefix_caching(self) -> bool: ...
 
 logger = logging.getLogger(__name__)
+
+
+# With prefix caching, every request slot brings this many more swa blocks to the pool. A cached
+# prefix can only end where its window's swa blocks are still there, and the hits agents and
+# chats need end near the tips of finished requests (the end of a turn's prompt or completion),
+# which the least-recently-freed order keeps longest; a few blocks per slot keep those tips
+# without giving the window kind the whole history (it costs ~7x the compressed kinds per token).
+PREFIX_SWA_BLOCKS = 2
+
+
+def _swa_blocks_per_seq(window: int, block_size: int, prefix_caching: bool) -> int:
+    return math.ceil((window - 1) / block_size) + 1 + (PREFIX_SWA_BLOCKS if prefix_caching else 0)
 
 
 @dataclass
@@ -51,6 +75,26 @@ class _RequestBlocks:
     block_ids: dict[CacheKind, list[int]]  # swa: held blocks only, first one is swa_offset
     swa_offset: int = 0  # logical index of block_ids["swa"][0] (blocks before it were released)
     state_slot: int = NULL_BLOCK_ID
+    num_cached_blocks: int = 0  # logical blocks [0, n) registered in the prefix cache
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    """A cached prefix of ``num_tokens`` tokens (a multiple of block_size) and the blocks a
+    request resuming after it holds: csa / hca from logical block 0, swa from ``swa_offset``."""
+
+    num_tokens: int
+    block_ids: dict[CacheKind, list[int]] = field(default_factory=dict)
+    swa_offset: int = 0
+
+    @property
+    def boundary_block(self) -> int:
+        """The swa block that ends the prefix (it keeps CSA's state there); the null block for
+        an empty prefix."""
+        return self.block_ids["swa"][-1] if self.num_tokens else NULL_BLOCK_ID
+
+
+NO_PREFIX = CachedPrefix(0)
 
 
 class BlockManager:
@@ -74,6 +118,7 @@ class BlockManager:
         block_size: int,
         num_blocks: Mapping[CacheKind, int],
         num_state_slots: int,
+        hash_seed: bytes | None = None,
     ) -> None:
         if "swa" not in specs:
             raise ValueError("specs must contain the swa kind")
@@ -86,17 +131,28 @@ class BlockManager:
         self.pools = {kind: BlockPool(num_blocks[kind], kind) for kind in specs}
         self.state_pool = BlockPool(num_state_slots + 1, "state")
         self._reqs: dict[str, _RequestBlocks] = {}
+        # prefix caching is on when there is a seed for the block hashes (block_hash.hash_seed)
+        self.hash_seed = hash_seed
 
     # ---- construction from a memory budget -------------------------------------------------
     @classmethod
-    def from_config(cls, model_config: ModelConfig, engine_config: CacheSizing) -> BlockManager:
-        """Size the pools from ``engine_config.kv_cache_memory`` (see :meth:`plan`)."""
+    def from_config(cls, model_config: ModelConfig, engine_config: CacheSizing,
+                    content_id: str = "") -> BlockManager:
+        """Size the pools from ``engine_config.kv_cache_memory`` (see :meth:`plan`). With
+        ``enable_prefix_caching``, ``content_id`` names what else the cached content depends on
+        beyond the config and the cache dtypes (the weights, the QAT rounding switch)."""
+        caching = engine_config.enable_prefix_caching
         specs = build_cache_specs(
             model_config, engine_config.kv_cache_dtype, engine_config.index_cache_dtype,
-            engine_config.compressor_state_dtype,
+            engine_config.compressor_state_dtype, prefix_caching=caching,
         )
         num_blocks, num_slots = cls.plan(specs, engine_config)
-        return cls(specs, engine_config.block_size, num_blocks, num_slots)
+        seed = None
+        if caching:
+            seed = block_hash.hash_seed(
+                model_config, engine_config.kv_cache_dtype, engine_config.index_cache_dtype,
+                engine_config.compressor_state_dtype, engine_config.block_size, content_id)
+        return cls(specs, engine_config.block_size, num_blocks, num_slots, seed)
 
     @staticmethod
     def plan(
@@ -105,7 +161,8 @@ class BlockManager:
         """Split the byte budget: (num_blocks per kind incl. the null block, num_state_slots).
 
         Fixed shares first: per running request one state slot and the swa blocks of a decode
-        window (ceil((W - 1) / B) + 1), plus swa blocks for one full-budget prefill chunk. The
+        window (ceil((W - 1) / B) + 1, and PREFIX_SWA_BLOCKS more with prefix caching), plus swa
+        blocks for one full-budget prefill chunk. The
         rest goes to csa and hca, which every request holds in equal numbers (ceil(end / B)),
         so both pools get the same count. If the budget cannot hold max_num_seqs requests and
         one max_model_len request, fewer state slots are planned (the scheduler then runs fewer
@@ -118,7 +175,7 @@ class BlockManager:
         swa_bytes = specs["swa"].block_bytes(block)
         compressed = [k for k in specs if k != "swa"]
         row_bytes = sum(specs[k].block_bytes(block) for k in compressed)  # one csa + one hca
-        swa_per_seq = math.ceil((window - 1) / block) + 1
+        swa_per_seq = _swa_blocks_per_seq(window, block, engine_config.enable_prefix_caching)
         per_seq = swa_per_seq * swa_bytes + state_bytes_per_seq(specs)
         swa_once = math.ceil(engine_config.max_num_batched_tokens / block) + 1
         min_rows = math.ceil(engine_config.max_model_len / block)
@@ -149,7 +206,8 @@ class BlockManager:
         row_bytes = sum(s.block_bytes(block) for k, s in specs.items() if k != "swa")
         seqs = engine_config.max_num_seqs
         swa_blocks = (1 + math.ceil(engine_config.max_num_batched_tokens / block) + 1
-                      + seqs * (math.ceil((window - 1) / block) + 1))
+                      + seqs * _swa_blocks_per_seq(window, block,
+                                                   engine_config.enable_prefix_caching))
         rows = 1 + seqs * math.ceil(engine_config.max_model_len / block)
         return swa_blocks * swa_bytes + rows * row_bytes + (seqs + 1) * state_bytes_per_seq(specs)
 
@@ -226,13 +284,19 @@ class BlockManager:
 
     def can_allocate(
         self, request_id: str, num_computed_tokens: int, num_new_tokens: int,
+        prefix: CachedPrefix = NO_PREFIX,
     ) -> bool:
         """Whether :meth:`allocate` with the same arguments would succeed."""
         req = self._reqs.get(request_id)
+        taken = dict.fromkeys(self.specs, 0)  # free cached blocks a prefix hit takes
+        if prefix.num_tokens:
+            req = self._prefix_request(prefix)
+            for kind, ids in prefix.block_ids.items():
+                taken[kind] = sum(1 for b in ids if self.pools[kind].ref_count(b) == 0)
         end = num_computed_tokens + num_new_tokens
         needed = self._num_needed(req, num_computed_tokens, end)
         for kind, num in needed.items():
-            free = self.pools[kind].num_free_blocks
+            free = self.pools[kind].num_free_blocks - taken[kind]
             if kind == "swa" and req is not None:
                 free += self._num_swa_releasable(req, num_computed_tokens)
             if num > free:
@@ -242,17 +306,27 @@ class BlockManager:
 
     def allocate(
         self, request_id: str, num_computed_tokens: int, num_new_tokens: int,
+        prefix: CachedPrefix = NO_PREFIX,
     ) -> bool:
         """Give the request slots for tokens [num_computed_tokens, num_computed_tokens +
-        num_new_tokens) in every kind, plus a state slot. All or nothing:
-        returns False and changes nothing (but releasing dead swa blocks) when short."""
+        num_new_tokens) in every kind, plus a state slot. A new request may start after a
+        cached ``prefix`` (then num_computed_tokens == prefix.num_tokens): it shares the
+        prefix's blocks. All or nothing: returns False and changes nothing (but releasing dead
+        swa blocks) when short."""
         if num_new_tokens < 0:
             raise ValueError("token counts must be >= 0")
         req = self._reqs.get(request_id)
+        if prefix.num_tokens and (req is not None or num_computed_tokens != prefix.num_tokens):
+            raise ValueError(f"a cached prefix starts a new request at its end, not "
+                             f"{request_id!r} at {num_computed_tokens}")
         if req is not None:
             self.release_swa_blocks(request_id, num_computed_tokens)
-        if not self.can_allocate(request_id, num_computed_tokens, num_new_tokens):
+        if not self.can_allocate(request_id, num_computed_tokens, num_new_tokens, prefix):
             return False
+        if prefix.num_tokens:
+            for kind, ids in prefix.block_ids.items():
+                self.pools[kind].touch(ids)
+            req = self._reqs[request_id] = self._prefix_request(prefix)
         end = num_computed_tokens + num_new_tokens
         needed = self._num_needed(req, num_computed_tokens, end)
         if req is None:
@@ -264,6 +338,70 @@ class BlockManager:
         for kind, num in needed.items():
             req.block_ids[kind].extend(self.pools[kind].allocate(num))
         return True
+
+    def _prefix_request(self, prefix: CachedPrefix) -> _RequestBlocks:
+        """The tables of a request that holds exactly ``prefix`` (no state slot yet)."""
+        return _RequestBlocks(block_ids={k: list(v) for k, v in prefix.block_ids.items()},
+                              swa_offset=prefix.swa_offset,
+                              num_cached_blocks=prefix.num_tokens // self.block_size)
+
+    # ---- prefix caching --------------------------------------------------------------------
+    @property
+    def caching(self) -> bool:
+        return self.hash_seed is not None
+
+    def hash_blocks(self, hashes: list[bytes], token_ids: Sequence[int]) -> list[bytes]:
+        """Extend ``hashes`` (in place) to every full block of ``token_ids``."""
+        if self.hash_seed is None:
+            raise RuntimeError("prefix caching is off: no block hashes")
+        return block_hash.extend_block_hashes(hashes, self.hash_seed, token_ids, self.block_size)
+
+    def find_cached_prefix(self, hashes: Sequence[bytes], max_tokens: int) -> CachedPrefix:
+        """The longest cached prefix of at most ``max_tokens`` tokens whose every kind is there:
+        csa / hca blocks from the start, and the swa blocks the next token's window reads
+        (earlier swa blocks may have been evicted: they are not needed)."""
+        if not self.caching:
+            return NO_PREFIX
+        limit = min(len(hashes), max_tokens // self.block_size)
+        compressed = [self.pools[k] for k in self.specs if k != "swa"]
+        num = 0
+        while num < limit and all(p.lookup(hashes[num]) is not None for p in compressed):
+            num += 1
+        swa = self.pools["swa"]
+        for num_blocks in range(num, 0, -1):
+            end = num_blocks * self.block_size
+            first = self._first_live_swa_block(end)
+            window = [swa.lookup(h) for h in hashes[first:num_blocks]]
+            if None in window:
+                continue
+            tables = {k: [self.pools[k].lookup(h) for h in hashes[:num_blocks]]
+                      for k in self.specs if k != "swa"}
+            tables["swa"] = window
+            return CachedPrefix(end, tables, first)
+        return NO_PREFIX
+
+    def cache_blocks(self, request_id: str, hashes: Sequence[bytes],
+                     num_computed_tokens: int) -> int:
+        """Register the request's blocks that are full after ``num_computed_tokens`` tokens
+        (and not registered yet) under ``hashes``. Call it after the step that computed them
+        and before their swa blocks are released. Returns how many logical blocks were new."""
+        req = self._reqs.get(request_id)
+        if req is None or not self.caching:
+            return 0
+        num_full = min(num_computed_tokens // self.block_size, len(hashes))
+        first = req.num_cached_blocks
+        for j in range(first, num_full):
+            for kind, ids in req.block_ids.items():
+                at = j - req.swa_offset if kind == "swa" else j
+                if 0 <= at < len(ids):
+                    self.pools[kind].cache_block(ids[at], hashes[j])
+        req.num_cached_blocks = max(first, num_full)
+        return max(0, num_full - first)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (vLLM's reset_prefix_cache). Returns how many hashes
+        were dropped over all kinds."""
+        return sum(pool.reset_cache() for pool in self.pools.values())
 
     def _num_swa_releasable(self, req: _RequestBlocks, num_computed_tokens: int) -> int:
         num_dead = min(len(req.block_ids["swa"]),

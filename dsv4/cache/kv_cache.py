@@ -9,6 +9,10 @@ Layout, per kind, one tensor over all layers of that kind (B = block_size, r = r
     states    [n_layers_of_kind, num_slots, rows, width] x (kv, score), state_dtype: the unfinished
               window (rows [ratio:] with CSA overlap, else [0:]) and CSA's previous window
               (rows [0:ratio])
+    boundaries [n_csa, num_swa_blocks, 4, D or D_index] x (kv, score), with prefix caching only:
+              the first halves of CSA's previous-window rows at the end of each swa block
+              (written when the window ending there completes; loaded into the state slot of
+              a request that starts after a cached prefix ending there)
 
 The attention reads and writes through the store protocols of dsv4.model.cache_store, which
 these classes implement structurally (the cache never imports the model): `RequestView` (one
@@ -92,6 +96,11 @@ class KVCache:
             r, n, blocks = config.hca_ratio, counts["hca"], pools["hca"].num_blocks
             self.entries["hca"] = entries(main, n, blocks, bs // r)
             self.states["hca"] = state(n, slots, r, d)
+        self.boundaries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if block_manager.specs["swa"].boundary_bytes and counts["csa"]:
+            n, blocks = counts["csa"], pools["swa"].num_blocks
+            self.boundaries["csa"] = state(n, blocks, 4, d)
+            self.boundaries["csa_index"] = state(n, blocks, 4, di)
 
     def encode(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         return self.formats[kind].encode(x)
@@ -124,8 +133,34 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         tensors = [self.swa, *self.entries.values()]
-        tensors += [t for pair in self.states.values() for t in pair]
+        tensors += [t for pairs in (self.states, self.boundaries) for pair in pairs.values()
+                    for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def load_boundaries(self, slots: list[int], blocks: list[int]) -> None:
+        """Copy the CSA state kept at the end of swa block blocks[i] into state slot slots[i]
+        (its previous-window rows): a request that starts after a cached prefix ending there
+        then pools its next window as if it had computed the prefix itself. Nothing else of the
+        state is read at a block boundary (no window is unfinished there)."""
+        if not self.boundaries or not slots:
+            return
+        s = torch.tensor(slots, dtype=torch.long, device=self.device)
+        b = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for key, kept in self.boundaries.items():
+            dim = kept[0].shape[-1]
+            for state, rows in zip(self.states[key], kept):
+                state[:, s, :4, :dim] = rows[:, b]
+
+    def keep_boundaries(self, key: str, layer: int, blocks: torch.Tensor, kv: torch.Tensor,
+                        score: torch.Tensor) -> None:
+        """Keep the previous-window rows kv, score [R, 4, width >= dim] of CSA compressor `key`
+        in `layer` as the boundary state of swa blocks [R] (no-op without a prefix cache)."""
+        kept = self.boundaries.get(key)
+        if kept is None:
+            return
+        dim = kept[0].shape[-1]
+        kept[0][layer, blocks] = kv[:, :, :dim].to(kept[0].dtype)
+        kept[1][layer, blocks] = score[:, :, :dim].to(kept[1].dtype)
 
 
 def _slots(table: torch.Tensor, ids: torch.Tensor, per_block: int) -> torch.Tensor:
@@ -151,7 +186,7 @@ class _CompressorStore:
     """One request's compressor (main or indexer) of one layer in the paged cache."""
 
     def __init__(self, view: RequestView, key: str, layer: int, ratio: int) -> None:
-        self.view, self.ratio = view, ratio
+        self.view, self.ratio, self.layer = view, ratio, layer
         kv_state, score_state = view.cache.states[key]
         self.kv, self.score = kv_state[layer, view.slot], score_state[layer, view.slot]
         self.overlap, self.key = ratio == 4, key
@@ -177,6 +212,20 @@ class _CompressorStore:
     def set_previous(self, kv: torch.Tensor, score: torch.Tensor) -> None:
         self.kv[: self.ratio] = kv[0]
         self.score[: self.ratio] = score[0]
+
+    def keep_windows(self, first: int, kv: torch.Tensor, score: torch.Tensor) -> None:
+        cache = self.view.cache
+        if self.key not in cache.boundaries:
+            return
+        per_block = cache.block_size // self.ratio  # windows per block
+        picks = [i for i in range(kv.shape[1]) if (first + i + 1) % per_block == 0]
+        if not picks:
+            return
+        logical = [(first + i + 1) // per_block - 1 for i in picks]
+        blocks = self.view.tables["swa"][torch.tensor(logical, device=cache.device)
+                                         - self.view.swa_offset]
+        index = torch.tensor(picks, device=cache.device)
+        cache.keep_boundaries(self.key, self.layer, blocks, kv[0, index], score[0, index])
 
     def append(self, entries: torch.Tensor) -> None:
         slots = self.view.entry_slots(_kind(self.key), self.per_block,
@@ -268,6 +317,7 @@ class DecodeGroup:
         self._window: tuple[torch.Tensor, torch.Tensor] | None = None
         self._entry_slots: dict[tuple[str, int, int], torch.Tensor] = {}
         self._completing: dict[int, torch.Tensor | None] = {}
+        self._block_ends: tuple[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     def window_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat swa slots [R, W] of each row's window (oldest first, the new token last) and
@@ -304,6 +354,19 @@ class DecodeGroup:
                 torch.tensor(done, dtype=torch.long, device=self.cache.device) if done else None)
         return self._completing[ratio]
 
+    def block_ends(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, swa blocks): the rows whose token is the last of a cache block, and that
+        block, when a prefix cache keeps CSA state there; None when there are none."""
+        if self._block_ends is None:
+            bs, found = self.cache.block_size, None
+            rows = [r for r, p in enumerate(self.pos_list) if (p + 1) % bs == 0]
+            if rows and self.cache.boundaries:
+                index = torch.tensor(rows, dtype=torch.long, device=self.cache.device)
+                logical = self.positions[index] // bs - self.swa_offsets[index]
+                found = (index, self.tables["swa"][index, logical])
+            self._block_ends = (found,)
+        return self._block_ends[0]
+
     def layer(self, layer: int) -> _BatchedLayerStore:
         return _BatchedLayerStore(self, layer)
 
@@ -327,7 +390,7 @@ class _BatchedLayerStore:
 
 class _BatchedCompressorStore:
     def __init__(self, group: DecodeGroup, key: str, layer: int, ratio: int) -> None:
-        self.group, self.ratio, self.overlap = group, ratio, ratio == 4
+        self.group, self.ratio, self.overlap, self.layer = group, ratio, ratio == 4, layer
         kv_state, score_state = group.cache.states[key]
         self.kv, self.score = kv_state[layer], score_state[layer]  # [slots, rows, width]
         self.key = key
@@ -366,6 +429,11 @@ class _BatchedCompressorStore:
             s, m = self.group.slots[done], self.ratio
             self.kv[s, :m] = self.kv[s, m:]
             self.score[s, :m] = self.score[s, m:]
+            ends = self.group.block_ends()  # rows whose token ends a cache block
+            if ends is not None:
+                slots = self.group.slots[ends[0]]
+                self.group.cache.keep_boundaries(self.key, self.layer, ends[1],
+                                                 self.kv[slots, :m], self.score[slots, :m])
 
     def entry_slots(self) -> tuple[torch.Tensor, torch.Tensor, _Decoder | None]:
         """(storage [1, S, D or bytes], slots [R, E] with -1 for entries a row does not have

@@ -20,6 +20,7 @@ __all__ = [
     "CACHE_KINDS",
     "CacheKind",
     "CacheSpec",
+    "boundary_row_bytes",
     "build_cache_specs",
     "entry_bytes",
     "index_entry_bytes",
@@ -76,6 +77,12 @@ def state_bytes(ratio: int, dim: int, state_dtype: str = "fp32") -> int:
     return 2 * (coff * ratio) * (coff * dim) * _DTYPE_BYTES[state_dtype]
 
 
+def boundary_row_bytes(config: ModelConfig, state_dtype: str = "fp32") -> int:
+    """CSA's previous window at a block boundary, one CSA layer: the first halves (the only part
+    the next window's pooling reads) of 4 kv and 4 score rows, main and indexer compressor."""
+    return 2 * 4 * (config.head_dim + config.index_head_dim) * _DTYPE_BYTES[state_dtype]
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """One cache kind: which layers hold it and the bytes of its entries and states.
@@ -95,6 +102,9 @@ class CacheSpec:
     kv_cache_dtype: str
     index_cache_dtype: str | None  # csa only
     state_dtype: str | None  # compressed kinds only
+    # swa with prefix caching: CSA's previous-window rows at the end of each block, all CSA
+    # layers (main + indexer), kept with the block so a cached prefix can end there
+    boundary_bytes: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -113,7 +123,7 @@ class CacheSpec:
 
     def block_bytes(self, block_size: int) -> int:
         """Bytes of one block (``block_size`` source tokens) over all layers of this kind."""
-        return self.entries_per_block(block_size) * self.bytes_per_entry
+        return self.entries_per_block(block_size) * self.bytes_per_entry + self.boundary_bytes
 
     def num_entries(self, num_tokens: int) -> int:
         """Live entries after ``num_tokens`` tokens: the window for swa, complete windows else."""
@@ -140,10 +150,12 @@ def build_cache_specs(
     index_cache_dtype: str | None = None,
     state_dtype: str = "fp32",
     num_mtp_layers: int = 0,
+    prefix_caching: bool = False,
 ) -> dict[CacheKind, CacheSpec]:
     """The cache specs of a model, keyed by kind; kinds with no layers are left out (swa is
     always there). ``num_mtp_layers`` adds the sliding-window-only MTP layers (ids after the
-    trunk) to the swa kind, for speculative decoding; architecture.md 3.3 counts the trunk only."""
+    trunk) to the swa kind, for speculative decoding; architecture.md 3.3 counts the trunk only.
+    ``prefix_caching`` gives each swa block room for CSA's state at its end (boundary_bytes)."""
     if index_cache_dtype is None:
         index_cache_dtype = DEFAULT_INDEX_CACHE_DTYPE.get(kv_cache_dtype, "bf16")
     if state_dtype not in STATE_DTYPES:
@@ -154,11 +166,15 @@ def build_cache_specs(
     index = index_entry_bytes(index_cache_dtype, config.index_head_dim)
     n = config.num_hidden_layers
     kinds = config.layer_kinds
+    boundary = 0
+    if prefix_caching:
+        boundary = kinds.count("csa") * boundary_row_bytes(config, state_dtype)
     specs: dict[CacheKind, CacheSpec] = {
         "swa": CacheSpec(
             kind="swa", ratio=1, layer_ids=tuple(range(n + num_mtp_layers)), entry_bytes=main,
             index_entry_bytes=0, state_bytes=0, window=config.sliding_window,
             kv_cache_dtype=kv_cache_dtype, index_cache_dtype=None, state_dtype=None,
+            boundary_bytes=boundary,
         )
     }
     for kind in ("csa", "hca"):

@@ -25,6 +25,7 @@ class ScheduledBatch:
     token_ids: list[list[int]] = field(default_factory=list)
     # tokens already in the cache before this step = position of token_ids[i][0]; 0 for new
     # and for preempted-then-resumed requests (the runner must overwrite, not read, their cache)
+    # unless they start after a cached prefix (see boundary_blocks)
     num_computed_tokens: list[int] = field(default_factory=list)
     # per cache kind ("swa" / "csa" / "hca"), per request: block ids in logical order. csa / hca
     # start at logical block 0; swa starts at logical block swa_block_offsets[i] (earlier ones
@@ -35,6 +36,10 @@ class ScheduledBatch:
     swa_block_offsets: list[int] = field(default_factory=list)
     # compressor-state slot per request (slot 0 is the null slot for padding lanes)
     state_slots: list[int] = field(default_factory=list)
+    # per request: the swa block whose kept CSA boundary state (previous-window rows) must be
+    # copied into its state slot before this step: the first step after a prefix-cache hit
+    # (num_computed_tokens[i] is then the hit's end); 0 otherwise
+    boundary_blocks: list[int] = field(default_factory=list)
     # True when the request's last scheduled token is its last known token: sample one token
     # from the logits at that position. False for a prefill chunk that does not end the prompt.
     do_sample: list[bool] = field(default_factory=list)

@@ -32,6 +32,7 @@ class EngineConfig:
     index_cache_dtype: str | None = None  # indexer keys: "fp4" | "fp8" | plain; None:
     # fp8 -> fp4, otherwise the same as kv_cache_dtype
     compressor_state_dtype: str = "fp32"  # "fp32" | "bf16" | "fp64"
+    enable_prefix_caching: bool = True  # reuse cached prefixes (whole blocks, every kind)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):

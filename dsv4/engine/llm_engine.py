@@ -55,8 +55,11 @@ class LLMEngine:
         # one scheduler and block plan per data-parallel group (each group's ranks hold their
         # own KV cache); group 0 runs here. One group unless DP-attention is on.
         groups = model.parallel.config.data_parallel_size
+        # what cached blocks depend on besides the config and the cache dtypes
+        content = f"compute={model.compute_dtype} qat={model.emulate_quant}"
         self.schedulers = [
-            Scheduler(engine_config, BlockManager.from_config(model.config, engine_config))
+            Scheduler(engine_config, BlockManager.from_config(model.config, engine_config,
+                                                              content))
             for _ in range(groups)]
         self.scheduler = self.schedulers[0]
         self.block_manager = self.scheduler.block_manager
@@ -141,7 +144,9 @@ class LLMEngine:
                            sum(s.block_manager.usage() for s in self.schedulers)
                            / len(self.schedulers), used,
                            sum(s.num_preemptions for s in self.schedulers),
-                           self._num_prompt_tokens, self._num_generation_tokens)
+                           self._num_prompt_tokens, self._num_generation_tokens,
+                           sum(s.num_prefix_queries for s in self.schedulers),
+                           sum(s.num_prefix_hits for s in self.schedulers))
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
@@ -231,7 +236,8 @@ class LLMEngine:
             if so.new_token_ids and so.request_id in self._prompt_lps:
                 prompt_lps = [None, *self._prompt_lps.pop(so.request_id)]
             results.append(EngineOutput(so.request_id, so.new_token_ids, so.finished,
-                                        so.finish_reason, so.stop_reason, lps, prompt_lps))
+                                        so.finish_reason, so.stop_reason, lps, prompt_lps,
+                                        so.num_cached_tokens))
             if so.finished:
                 self._params.pop(so.request_id, None)
                 self._prompt_lps.pop(so.request_id, None)

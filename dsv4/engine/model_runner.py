@@ -53,6 +53,10 @@ class ModelRunner:
             return [], None, {}
         flat = [t for ids in batch.token_ids for t in ids]
         input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
+        starts_cached = [i for i, block in enumerate(batch.boundary_blocks) if block]
+        if starts_cached:  # requests that start after a cached prefix: its CSA state
+            self.kv_cache.load_boundaries([batch.state_slots[i] for i in starts_cached],
+                                          [batch.boundary_blocks[i] for i in starts_cached])
         def tables(i: int) -> dict[str, list[int]]:
             return {kind: batch.block_tables[kind][i] for kind in batch.block_tables}
 

@@ -30,6 +30,9 @@ class EngineOutput:
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when asked
     # with the first token, when asked: None for the first prompt token, then one per token
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # prompt tokens whose cache came from the prefix cache (vLLM's num_cached_tokens); set
+    # once the request was scheduled, None before (and for an abort before that)
+    num_cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class EngineStats:
     num_preemptions: int  # since start
     prompt_tokens: int  # prompt tokens computed since start (recomputation included)
     generation_tokens: int  # tokens sampled since start
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache since start
+    prefix_cache_hits: int = 0  # of those, tokens found cached
 
 
 class WorkerDiedError(RuntimeError):

@@ -66,6 +66,12 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None  # the stop token id or stop string hit
         self.num_preemptions = 0
+        # prefix caching: hashes of the full blocks of all_token_ids so far (extended by the
+        # scheduler), prompt tokens found cached when first scheduled (None until then), and
+        # the swa block whose CSA boundary state the next step must load (0: none)
+        self.block_hashes: list[bytes] = []
+        self.num_cached_tokens: int | None = None
+        self.boundary_block = 0
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -132,3 +138,4 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # stop token id / stop string that ended it
     logprobs: Any = None  # whatever the runner returned for these tokens (opaque here)
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache

@@ -8,8 +8,11 @@ prompt fits whole next to a long one), and what is left tops up the unfinished p
 prefill thus advances every step and takes the whole budget when nobody else wants it. When
 blocks run out, the most recently admitted running request is preempted (blocks freed, recomputed
 later, put at the front of the queue); no request is ever dropped. ``update_from_output`` appends
-sampled tokens, applies stop conditions and frees finished requests. Not thread-safe: call
-``add_request`` / ``abort_requests`` between steps. It never touches tensors or text.
+sampled tokens, applies stop conditions, registers newly full blocks in the prefix cache and
+frees finished requests. A request that starts (or restarts after preemption) first takes the
+longest cached prefix of its tokens (``BlockManager.find_cached_prefix``) and computes only the
+rest. Not thread-safe: call ``add_request`` / ``abort_requests`` between steps. It never
+touches tensors or text.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from dsv4.cache.block_manager import BlockManager
+from dsv4.cache.block_manager import NO_PREFIX, BlockManager, CachedPrefix
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.request import Request, RequestStatus, StepOutput
@@ -54,6 +57,8 @@ class Scheduler:
         self._finished_req_ids: list[str] = []  # since the last schedule()
         self._preempted_req_ids: list[str] = []
         self.num_preemptions = 0  # since start
+        # prefix cache: tokens looked up and tokens found, at every admission (vLLM's counters)
+        self.num_prefix_queries = self.num_prefix_hits = 0
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -152,12 +157,14 @@ class Scheduler:
         while (not preempted and self.waiting and plan.budget > 0
                and len(self.running) < self.max_num_seqs):
             req = self.waiting[0]
-            num_new = min(self._num_left(req), self.long_prefill_token_threshold, plan.budget)
-            if not self.block_manager.allocate(req.request_id, req.num_computed_tokens, num_new):
+            prefix = self._cached_prefix(req)
+            num_new = min(req.num_tokens - prefix.num_tokens, self.long_prefill_token_threshold,
+                          plan.budget)
+            if not self.block_manager.allocate(req.request_id, prefix.num_tokens, num_new,
+                                               prefix):
                 break  # FCFS: later requests wait behind the head
             self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._admit(req, prefix)
             plan.add(req, num_new)
         # top up unfinished prefills (the admitted ones too) with what is left; never preempts
         for req in self.running:
@@ -170,6 +177,27 @@ class Scheduler:
                 plan.add(req, more)
         return self._make_batch([(r, plan.tokens[r.request_id]) for r in self.running
                                  if r.request_id in plan.tokens])
+
+    def _cached_prefix(self, req: Request) -> CachedPrefix:
+        """The longest cached prefix a waiting request can start after: whole blocks, at least
+        one token left to compute (its logits give the next token); none for a request that
+        wants prompt logprobs (they need the prompt's hidden states)."""
+        bm = self.block_manager
+        if not bm.caching or req.sampling_params.prompt_logprobs is not None:
+            return NO_PREFIX
+        bm.hash_blocks(req.block_hashes, req.all_token_ids)
+        return bm.find_cached_prefix(req.block_hashes, req.num_tokens - 1)
+
+    def _admit(self, req: Request, prefix: CachedPrefix) -> None:
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        req.num_computed_tokens = prefix.num_tokens
+        req.boundary_block = prefix.boundary_block
+        if self.block_manager.caching:
+            self.num_prefix_queries += req.num_tokens
+            self.num_prefix_hits += prefix.num_tokens
+        if req.num_cached_tokens is None:  # what the API reports: the first admission's hit
+            req.num_cached_tokens = min(prefix.num_tokens, req.num_prompt_tokens)
 
     def _allocate_running(self, plan: _StepPlan, req: Request, num_new: int) -> bool:
         """Blocks for ``num_new`` more tokens of running ``req``, preempting the latest admitted
@@ -209,6 +237,8 @@ class Scheduler:
                 batch.block_tables[kind].append(table)
             batch.swa_block_offsets.append(bm.swa_block_offset(req.request_id))
             batch.state_slots.append(bm.state_slot(req.request_id))
+            batch.boundary_blocks.append(req.boundary_block)
+            req.boundary_block = 0  # loaded by this step
             req.num_computed_tokens = start + num_new
             batch.do_sample.append(req.num_computed_tokens == req.num_tokens)
             batch.sampling_params.append(req.sampling_params)
@@ -235,10 +265,16 @@ class Scheduler:
             raise ValueError(f"{len(sampled_token_ids)} sampled rows for {batch.num_reqs} requests")
         outputs = []
         any_finished = False
+        bm = self.block_manager
         for i, request_id in enumerate(batch.req_ids):
             req = self.requests.get(request_id)
-            if req is None or req.status != RequestStatus.RUNNING or not batch.do_sample[i]:
-                continue  # aborted during the step, or a prefill chunk that samples nothing
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted during the step
+            if bm.caching:  # the step filled these blocks: later requests may reuse them
+                bm.hash_blocks(req.block_hashes, req.all_token_ids)
+                bm.cache_blocks(request_id, req.block_hashes, req.num_computed_tokens)
+            if not batch.do_sample[i]:
+                continue  # a prefill chunk that samples nothing
             if not sampled_token_ids[i]:
                 raise ValueError(f"row {i} ({request_id!r}) should have sampled a token")
             new_ids: list[int] = []
@@ -256,7 +292,7 @@ class Scheduler:
                 self.block_manager.release_swa_blocks(request_id, req.num_computed_tokens)
             outputs.append(StepOutput(
                 request_id, new_ids, req.is_finished, req.finish_reason, req.stop_reason,
-                logprobs[i] if logprobs is not None else None,
+                logprobs[i] if logprobs is not None else None, req.num_cached_tokens,
             ))
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]

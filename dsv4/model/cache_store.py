@@ -52,6 +52,12 @@ class CompressorStore(Protocol):
         """Keep kv, score [B, ratio, width] as the last complete window."""
         ...
 
+    def keep_windows(self, first: int, kv: torch.Tensor, score: torch.Tensor) -> None:
+        """CSA: the segment's complete windows kv, score [B, n, ratio, width], the first being
+        window number `first`. A store with a prefix cache keeps those that end a cache block
+        (the next window's pooling reads them); others ignore the call."""
+        ...
+
     def append(self, entries: torch.Tensor) -> None:
         """Store the segment's newly finished entries [B, n, D], in order after those stored."""
         ...

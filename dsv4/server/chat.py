@@ -155,7 +155,8 @@ class ChatRun:
             for c in self.choices:
                 ids = c.token_ids
                 reasoning += ids.index(self.think_close) if self.think_close in ids else len(ids)
-        return Usage.of(self.num_prompt_tokens, completion, reasoning)
+        cached = self.gen.state.completions[0].num_cached_tokens or 0  # the prompt is shared
+        return Usage.of(self.num_prompt_tokens, completion, reasoning, cached)
 
     # ---- non-streaming -------------------------------------------------------------------------
     async def collect(self, stream: AsyncIterator[Delta]) -> ChatCompletionResponse:

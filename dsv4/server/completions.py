@@ -131,9 +131,10 @@ class CompletionRun:
         return part
 
     def usage(self) -> Usage:
-        prompt = sum(len(self.gen.prompts[i // self.req.n]) for i in range(self.gen.num_choices)
-                     if i % self.req.n == 0)
-        return Usage.of(prompt, sum(self.num_tokens))
+        firsts = range(0, self.gen.num_choices, self.req.n)  # one choice per prompt
+        prompt = sum(len(self.gen.prompts[i // self.req.n]) for i in firsts)
+        cached = sum(self.gen.state.completions[i].num_cached_tokens or 0 for i in firsts)
+        return Usage.of(prompt, sum(self.num_tokens), cached_tokens=cached)
 
     async def collect(self, stream: AsyncIterator[Delta]) -> CompletionResponse:
         async for d in stream:

@@ -114,8 +114,9 @@ class _Choice:
         return self.completion.token_ids
 
     def emit(self, ids: list[int], lps: list[TokenLogprobs] | None,
-             prompt_lps: list[TokenLogprobs | None] | None = None) -> None:
-        self.put(self.completion.add(ids, lps, prompt_lps))
+             prompt_lps: list[TokenLogprobs | None] | None = None,
+             num_cached_tokens: int | None = None) -> None:
+        self.put(self.completion.add(ids, lps, prompt_lps, num_cached_tokens))
 
     async def run(self) -> None:
         gen = self.gen
@@ -175,7 +176,7 @@ class _Choice:
                         return ids, "stop", None
                     continue
                 if new:
-                    self.emit(new, lps, o.prompt_logprobs)
+                    self.emit(new, lps, o.prompt_logprobs, o.num_cached_tokens)
                 if self.completion.stopped is not None and not o.finished:
                     self.gen.llm.finish(rid, self.completion.stopped)
                     return ids, "stop", self.completion.stopped

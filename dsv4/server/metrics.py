@@ -25,7 +25,7 @@ from prometheus_client import (
 
 from dsv4.engine.outputs import EngineStats
 
-__all__ = ["CONTENT_TYPE_LATEST", "RequestStats", "ServerMetrics", "read_engine_gauges"]
+__all__ = ["CONTENT_TYPE_LATEST", "RequestStats", "ServerMetrics", "read_engine_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ class ServerMetrics:
                              registry=reg)
         self.kv_usage = Gauge("dsv4:kv_cache_usage_perc", "KV-cache usage (1 = full).", m,
                               registry=reg)
+        # vLLM's prefix-cache counters, in tokens: looked up at admission, and found cached
+        self.prefix_queries = Counter("dsv4:prefix_cache_queries", "Prompt tokens looked up in "
+                                      "the prefix cache.", m, registry=reg)
+        self.prefix_hits = Counter("dsv4:prefix_cache_hits", "Prompt tokens found in the prefix "
+                                   "cache.", m, registry=reg)
+        self._prefix_seen = (0, 0)  # the engine's totals at the last refresh
         self.prompt_tokens_total = 0  # the same sums as the two token counters, readable
         self.generation_tokens_total = 0
 
@@ -71,22 +77,25 @@ class ServerMetrics:
 
     async def render(self, get_stats: Callable[[], Awaitable[EngineStats]]) -> bytes:
         """Refresh the engine gauges (``AsyncLLM.get_stats``), then export."""
-        gauges = await read_engine_gauges(get_stats)
-        if gauges is not None:
-            running, waiting, usage = gauges
-            self.running.labels(self.model_name).set(running)
-            self.waiting.labels(self.model_name).set(waiting)
-            self.kv_usage.labels(self.model_name).set(usage)
+        stats = await read_engine_stats(get_stats)
+        if stats is not None:
+            name = self.model_name
+            self.running.labels(name).set(stats.num_running)
+            self.waiting.labels(name).set(stats.num_waiting)
+            self.kv_usage.labels(name).set(stats.kv_cache_usage)
+            queries, hits = self._prefix_seen
+            self.prefix_queries.labels(name).inc(max(0, stats.prefix_cache_queries - queries))
+            self.prefix_hits.labels(name).inc(max(0, stats.prefix_cache_hits - hits))
+            self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
         return generate_latest(self.registry)
 
 
-async def read_engine_gauges(get_stats: Callable[[], Awaitable[EngineStats]],
-                             timeout: float = 5.0) -> tuple[int, int, float] | None:
-    """(running, waiting, KV-cache usage in [0, 1]) read between steps (``AsyncLLM.get_stats``);
-    None when the engine does not answer within ``timeout`` or is gone."""
+async def read_engine_stats(get_stats: Callable[[], Awaitable[EngineStats]],
+                            timeout: float = 5.0) -> EngineStats | None:
+    """The engine's stats read between steps (``AsyncLLM.get_stats``); None when the engine
+    does not answer within ``timeout`` or is gone."""
     try:
-        s = await asyncio.wait_for(get_stats(), timeout)
-        return s.num_running, s.num_waiting, s.kv_cache_usage
+        return await asyncio.wait_for(get_stats(), timeout)
     except Exception:  # noqa: BLE001 - a busy or dead engine must not break the caller
         logger.debug("engine gauges unavailable", exc_info=True)
         return None

@@ -212,7 +212,7 @@ class _Out(BaseModel):
 
 
 class PromptTokensDetails(_Out):
-    cached_tokens: int = 0  # 0 until prefix caching exists
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 class CompletionTokensDetails(_Out):
@@ -230,12 +230,15 @@ class Usage(_Out):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int,
-           reasoning_tokens: int | None = None) -> Usage:
+           reasoning_tokens: int | None = None, cached_tokens: int = 0) -> Usage:
         details = None if reasoning_tokens is None else CompletionTokensDetails(
             reasoning_tokens=reasoning_tokens)
+        cached = min(cached_tokens, prompt_tokens)
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens,
-                   completion_tokens_details=details, prompt_cache_miss_tokens=prompt_tokens)
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+                   completion_tokens_details=details, prompt_cache_hit_tokens=cached,
+                   prompt_cache_miss_tokens=prompt_tokens - cached)
 
 
 class FunctionCall(_Out):

@@ -1,13 +1,14 @@
 """StatsLogger: a periodic engine-load line on the ``dsv4.stats`` logger while the server is busy.
 
     running: 2 reqs, waiting: 1 reqs, KV cache usage: 12.5%, prompt throughput: 310.4 tokens/s,
-    generation throughput: 42.0 tokens/s  (one line)
+    generation throughput: 42.0 tokens/s, prefix cache hit rate: 87.5%  (one line)
 
 Every ``interval`` seconds (10 in ``dsv4 serve``) it reads the scheduler's running / waiting
 counts and KV-cache usage on the engine thread (the same read as /metrics) and the token totals
 the server keeps (``ServerMetrics``), and logs the rates over the time since the last line.
 Prompt throughput counts the prompt tokens of requests admitted in the interval; generation
-throughput the tokens streamed to clients. A line is logged only while there is activity: when
+throughput the tokens streamed to clients; the prefix cache hit rate (when requests were
+admitted since the last line) the prompt tokens found cached over those looked up. A line is logged only while there is activity: when
 requests run or wait or tokens moved, plus one line after the server goes idle, so the last
 line shows it drained. Runs as an asyncio task for the app's lifespan (``lifespan``).
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 from dsv4.engine.outputs import EngineStats
 
-from dsv4.server.metrics import ServerMetrics, read_engine_gauges
+from dsv4.server.metrics import ServerMetrics, read_engine_stats
 
 __all__ = ["StatsLogger"]
 
@@ -41,29 +42,35 @@ class StatsLogger:
         self._last_prompt = metrics.prompt_tokens_total
         self._last_generation = metrics.generation_tokens_total
         self._was_active = False
+        self._last_prefix = (0, 0)  # the engine's prefix-cache queries and hits
 
     async def log_once(self) -> str | None:
         """Log one line if there was activity since the last call (or the one before); the
         line, or None when nothing was logged."""
-        gauges = await read_engine_gauges(self.get_stats)
+        stats = await read_engine_stats(self.get_stats)
         now = time.monotonic()
         prompt, generation = self.metrics.prompt_tokens_total, self.metrics.generation_tokens_total
         seconds = max(now - self._last_time, 1e-9)
         d_prompt, d_generation = prompt - self._last_prompt, generation - self._last_generation
         self._last_time, self._last_prompt, self._last_generation = now, prompt, generation
-        if gauges is None:  # engine busy past the timeout, or gone: say so, keep the rates
+        prefix = ""
+        if stats is None:  # engine busy past the timeout, or gone: say so, keep the rates
             load, active = "running: ?, waiting: ?, KV cache usage: ?", False
         else:
-            running, waiting, usage = gauges
-            load = (f"running: {running} reqs, waiting: {waiting} reqs, "
-                    f"KV cache usage: {100 * usage:.1f}%")
-            active = bool(running or waiting)
+            load = (f"running: {stats.num_running} reqs, waiting: {stats.num_waiting} reqs, "
+                    f"KV cache usage: {100 * stats.kv_cache_usage:.1f}%")
+            queries = stats.prefix_cache_queries - self._last_prefix[0]
+            hits = stats.prefix_cache_hits - self._last_prefix[1]
+            self._last_prefix = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+            if queries > 0:  # admissions since the last line
+                prefix = f", prefix cache hit rate: {100 * hits / queries:.1f}%"
+            active = bool(stats.num_running or stats.num_waiting)
         active = active or d_prompt > 0 or d_generation > 0
         if not (active or self._was_active):
             return None
         self._was_active = active
         line = (f"{load}, prompt throughput: {d_prompt / seconds:.1f} tokens/s, "
-                f"generation throughput: {d_generation / seconds:.1f} tokens/s")
+                f"generation throughput: {d_generation / seconds:.1f} tokens/s{prefix}")
         logger.info("%s", line)
         return line
 

@@ -200,3 +200,68 @@ def test_flash_plan_at_80_gib():
     assert bm.memory_bytes() <= ec.kv_cache_memory
     tokens = bm.pools["csa"].num_usable_blocks * ec.block_size
     assert tokens > 20 * 2**20  # > 20M tokens of compressed history at fp8 + fp4 indexer
+
+
+def caching_manager(swa=16, csa=16, hca=16, slots=4) -> BlockManager:
+    specs = build_cache_specs(tiny_config(), "bf16", prefix_caching=True)
+    return BlockManager(specs, B, {"swa": swa, "csa": csa, "hca": hca}, slots, b"seed")
+
+
+def test_prefix_hit_shares_blocks_and_needs_only_the_last_window():
+    bm = caching_manager()
+    tokens = list(range(50))
+    hashes = bm.hash_blocks([], tokens)
+    assert len(hashes) == 3 and bm.hash_blocks(list(hashes), tokens) == hashes
+    assert bm.allocate("a", 0, 50)
+    assert bm.cache_blocks("a", hashes, 50) == 3
+    bm.release_swa_blocks("a", 50)  # blocks 0, 1 are behind the window: freed, still cached
+    prefix = bm.find_cached_prefix(hashes, 49)
+    assert prefix.num_tokens == 48 and prefix.swa_offset == 2  # (48 - 8 + 1) // 16
+    assert prefix.block_ids["csa"] == bm.block_tables("a")["csa"][:3]
+    assert prefix.boundary_block == prefix.block_ids["swa"][-1]
+    assert bm.find_cached_prefix(hashes, 47).num_tokens == 32  # at most max_tokens
+    assert bm.allocate("b", 48, 5, prefix)
+    assert bm.block_tables("b")["csa"][:3] == bm.block_tables("a")["csa"][:3]
+    assert bm.pools["csa"].ref_count(prefix.block_ids["csa"][0]) == 2
+    bm.free("a")
+    bm.free("b")
+    assert bm.all_free() and bm.pools["csa"].num_cached_blocks == 3
+
+
+def test_a_hit_falls_back_to_the_last_boundary_whose_window_is_cached():
+    bm = caching_manager(swa=6)
+    tokens = list(range(64))
+    hashes = bm.hash_blocks([], tokens)
+    assert bm.allocate("a", 0, 64) and bm.cache_blocks("a", hashes, 64) == 4
+    bm.free("a")  # tail first: block 3's swa block is the first to be evicted
+    assert bm.allocate("x", 0, 17)  # two swa blocks: the never cached one, then block 3's
+    assert bm.pools["swa"].lookup(hashes[3]) is None
+    prefix = bm.find_cached_prefix(hashes, 63)
+    assert prefix.num_tokens == 48  # csa / hca have block 3, the swa window does not
+    bm.free("x")
+    assert bm.all_free()
+
+
+def test_allocation_counts_the_free_cached_blocks_a_hit_takes():
+    bm = caching_manager(csa=4, hca=4)
+    hashes = bm.hash_blocks([], list(range(48)))
+    assert bm.allocate("a", 0, 48) and bm.cache_blocks("a", hashes, 48) == 3
+    bm.free("a")
+    prefix = bm.find_cached_prefix(hashes, 47)
+    assert prefix.num_tokens == 32
+    # 3 free csa blocks, 2 of them the hit's: 18 more tokens need 2 new blocks
+    assert not bm.can_allocate("b", 32, 18, prefix)
+    assert not bm.allocate("b", 32, 18, prefix)
+    assert bm.pools["csa"].num_free_blocks == 3  # nothing was taken
+    assert bm.allocate("b", 32, 16, prefix)
+    with pytest.raises(ValueError, match="cached prefix"):
+        bm.allocate("b", 32, 1, prefix)  # only a new request starts after a prefix
+    bm.free("b")
+    assert bm.all_free()
+
+
+def test_caching_off_finds_nothing():
+    bm = make_manager()
+    assert not bm.caching and bm.find_cached_prefix([b"x"], 100).num_tokens == 0
+    with pytest.raises(RuntimeError, match="off"):
+        bm.hash_blocks([], [1, 2, 3])

@@ -57,3 +57,23 @@ def test_freed_blocks_are_reused_last():
     first = pool.allocate(1)
     pool.free(first)
     assert pool.allocate(3)[-1] == first[0]
+
+
+def test_cached_blocks_stay_findable_until_evicted_least_recently_freed_first():
+    pool = BlockPool(4)
+    a, b, c = pool.allocate(3)
+    assert pool.cache_block(a, b"ha") and pool.cache_block(b, b"hb")
+    assert not pool.cache_block(c, b"ha")  # another block holds that content already
+    assert not pool.cache_block(a, b"hx")  # a block keeps its first hash
+    pool.free([b])
+    pool.free([a])
+    pool.free([c])
+    assert pool.num_free_blocks == 3 and pool.lookup(b"ha") == a and pool.lookup(b"hb") == b
+    pool.touch([a])  # a hit takes a free cached block off the free queue
+    assert pool.ref_count(a) == 1 and pool.num_free_blocks == 2
+    assert pool.allocate(1) == [b]  # b was freed before c: evicted first
+    assert pool.lookup(b"hb") is None and pool.num_evictions == 1
+    assert pool.lookup(b"ha") == a  # held again, still findable
+    with pytest.raises(RuntimeError, match="uncached"):
+        pool.touch([c])
+    assert pool.reset_cache() == 1 and pool.lookup(b"ha") is None

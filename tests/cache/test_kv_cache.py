@@ -25,7 +25,10 @@ def test_storage_matches_the_plan(dtype, index_dtype, state_dtype):
     cache = KVCache(cfg, bm, "cpu", torch.float32, dtype, index_dtype, state_dtype)
     kv = sum(t.numel() * t.element_size() for t in [cache.swa, *cache.entries.values()])
     states = sum(t.numel() * t.element_size() for pair in cache.states.values() for t in pair)
-    assert kv + states == bm.memory_bytes() == cache.memory_bytes()
+    kept = sum(t.numel() * t.element_size() for pair in cache.boundaries.values()
+               for t in pair)  # prefix caching's CSA state at block ends (on by default)
+    assert kept > 0
+    assert kv + states + kept == bm.memory_bytes() == cache.memory_bytes()
     assert bm.memory_bytes() <= ec.kv_cache_memory
 
 

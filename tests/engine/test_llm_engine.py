@@ -18,7 +18,9 @@ from dsv4.sampling_params import SamplingParams
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 EXACT = dict(dtype=torch.float64)  # the exact mode: batch-shape noise ~1e-16 (QAT rounding on)
 # 4 state slots but only 11 usable csa/hca blocks: four ~60-token requests cannot all fit
-TIGHT = dict(kv_cache_memory=400_000, max_model_len=80, max_num_seqs=4)
+# (prefix caching on, as by default: its swa blocks and CSA boundary state take their share)
+TIGHT = dict(kv_cache_memory=660_000, max_model_len=80, max_num_seqs=4)
+TIGHT_EXACT = dict(TIGHT, kv_cache_memory=2 * TIGHT["kv_cache_memory"])  # fp64: the same plan
 
 
 def make_llm(path, **kw) -> LLM:
@@ -181,7 +183,7 @@ def test_generate_accepts_vllm_prompt_dicts(tiny_checkpoint):
     assert llm.engine.block_manager.all_free()
 
 
-@pytest.mark.parametrize("budget, memory", [(256, None), (7, None), (48, TIGHT)])
+@pytest.mark.parametrize("budget, memory", [(256, None), (7, None), (48, TIGHT_EXACT)])
 def test_prompt_logprobs_equal_full_forward(tiny_checkpoint, budget, memory):
     """Every prompt token after the first gets its log-softmax under the full forward, with its
     rank and the top-N, whatever the chunking; a preempted request does not repeat them. fp64
@@ -215,7 +217,7 @@ def test_preemption_keeps_greedy_outputs(tiny_checkpoint):
     params = SamplingParams(max_tokens=24, **GREEDY)
     # fp64: 24 greedy steps over two batch histories must not meet a flipped FP8/FP4 rounding
     roomy = make_llm(path, **EXACT).generate(prompt_token_ids=prompts, sampling_params=params)
-    tight = make_llm(path, **TIGHT, **EXACT)
+    tight = make_llm(path, **TIGHT_EXACT, **EXACT)
     outs = tight.generate(prompt_token_ids=prompts, sampling_params=params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in roomy]
     assert tight.engine.block_manager.all_free()

@@ -34,7 +34,8 @@ ACCESS = re.compile(r'^127\.0\.0\.1:\d+ "(?P<method>[A-Z]+) (?P<target>\S+) HTTP
                     r"completion_tokens=(?P<completion>\d+))? latency=\d+\.\d{3}s$")
 STATS = re.compile(r"^running: (?P<running>\d+) reqs, waiting: (?P<waiting>\d+) reqs, "
                    r"KV cache usage: \d+\.\d%, prompt throughput: (?P<prompt>\d+\.\d) tokens/s, "
-                   r"generation throughput: (?P<generation>\d+\.\d) tokens/s$")
+                   r"generation throughput: (?P<generation>\d+\.\d) tokens/s"
+                   r"(, prefix cache hit rate: (?P<hit_rate>\d+\.\d)%)?$")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,8 @@ def test_stats_line_while_busy_and_silence_when_idle(srv, caplog):
 
 def test_stats_logger_line_and_rates():
     metrics = ServerMetrics("m")
-    gauges = SimpleNamespace(num_running=2, num_waiting=1, kv_cache_usage=0.125)
+    gauges = SimpleNamespace(num_running=2, num_waiting=1, kv_cache_usage=0.125,
+                             prefix_cache_queries=400, prefix_cache_hits=100)
 
     async def get_stats():
         return gauges
@@ -120,6 +122,7 @@ def test_stats_logger_line_and_rates():
     assert m and m.group("running", "waiting") == ("2", "1") and "usage: 12.5%" in line
     assert float(m["prompt"]) > 0 and float(m["generation"]) > 0
     assert (stats.num_prompt_tokens, stats.num_generation_tokens) == (30, 5)
+    assert m["hit_rate"] == "25.0"  # hits / queries since the last line
     gauges.num_running = gauges.num_waiting = 0
     assert asyncio.run(logger.log_once()) is not None  # the drain line
     assert asyncio.run(logger.log_once()) is None  # idle: silent
