@@ -107,10 +107,13 @@ class LLMEngine:
                                       param="n")
         validate_prompt(prompt_token_ids, params, self.config.max_model_len,
                         self.model_config.vocab_size)
-        # the least loaded data-parallel group takes it
-        scheduler = min(self.schedulers, key=lambda s: len(s.requests))
-        scheduler.add_request(Request(request_id, prompt_token_ids, params,
-                                      eos_token_id=self.eos_token_id))
+        request = Request(request_id, prompt_token_ids, params, eos_token_id=self.eos_token_id)
+        scheduler = self.scheduler
+        if len(self.schedulers) > 1:  # the data-parallel group that has the longest cached
+            # prefix of it takes it (each group has its own cache), then the least loaded
+            scheduler = min(self.schedulers, key=lambda s: (-s.cached_prefix_tokens(request),
+                                                            len(s.requests)))
+        scheduler.add_request(request)
         self._params[request_id] = params
         if params.prompt_logprobs is not None:
             self._prompt_lps[request_id] = []

@@ -188,6 +188,10 @@ class Scheduler:
         bm.hash_blocks(req.block_hashes, req.all_token_ids)
         return bm.find_cached_prefix(req.block_hashes, req.num_tokens - 1)
 
+    def cached_prefix_tokens(self, req: Request) -> int:
+        """Tokens of ``req`` this scheduler's cache could skip now (0 with caching off)."""
+        return self._cached_prefix(req).num_tokens
+
     def _admit(self, req: Request, prefix: CachedPrefix) -> None:
         req.status = RequestStatus.RUNNING
         self.running.append(req)

@@ -84,8 +84,9 @@ def test_workers_give_the_single_process_outputs(checkpoint, single, layout):
 
 def test_preemption_and_abort_under_tensor_parallelism(checkpoint):
     """A cache too small for the batch preempts and recomputes on every rank alike."""
-    # 4 state slots, too few blocks for four 54-token requests (10 preemptions measured)
-    tight = dict(BASE, kv_cache_memory=940_000, max_model_len=80, max_num_seqs=4,
+    # 4 state slots, too few blocks for four 54-token requests (prefix caching on: its swa
+    # blocks and CSA boundary state take their share)
+    tight = dict(BASE, kv_cache_memory=1_560_000, max_model_len=80, max_num_seqs=4,
                  max_num_batched_tokens=64)
     prompts = [{"prompt_token_ids": list(range(n, n + 30))} for n in (1, 50, 100, 150)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -102,6 +103,27 @@ def test_preemption_and_abort_under_tensor_parallelism(checkpoint):
     finally:
         llm.engine.shutdown()
     assert got == want
+
+
+def test_data_parallel_groups_take_the_requests_whose_prefix_they_cache(checkpoint):
+    """Each DP group has its own cache: a request goes to the group that holds the longest
+    cached prefix of it (not merely the least loaded), every rank loads the prefix's CSA state,
+    and the tokens equal a single process that computes everything."""
+    g = torch.Generator().manual_seed(6)
+    a, b = (torch.randint(0, 512, (40,), generator=g).tolist() for _ in range(2))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    later = [{"prompt_token_ids": b + [3, 4]}, {"prompt_token_ids": a + [5]}]  # b's first
+    cold = LLM(checkpoint, **BASE, enable_prefix_caching=False)
+    want = [o.outputs[0].token_ids for o in cold.generate(later, params)]
+    llm = LLM(checkpoint, **BASE, data_parallel_size=2, enable_expert_parallel=True)
+    try:
+        llm.generate([{"prompt_token_ids": a}, {"prompt_token_ids": b}], params)  # a: group 0
+        outs = llm.generate(later, params)
+        assert all(s.block_manager.all_free() for s in llm.engine.schedulers)
+    finally:
+        llm.engine.shutdown()
+    assert [o.num_cached_tokens for o in outs] == [32, 32]  # least loaded would miss both
+    assert [o.outputs[0].token_ids for o in outs] == want
 
 
 @pytest.mark.parametrize("how", ["killed", "hung"])
