@@ -40,6 +40,10 @@ class ScheduledBatch:
     # copied into its state slot before this step: the first step after a prefix-cache hit
     # (num_computed_tokens[i] is then the hit's end); 0 otherwise
     boundary_blocks: list[int] = field(default_factory=list)
+    # per request: how many of token_ids[i] (its last ones) are draft tokens that may be
+    # rejected (speculative decoding); the runner keeps what rolling them back needs. Empty or
+    # 0: none
+    num_draft_tokens: list[int] = field(default_factory=list)
     # True when the request's last scheduled token is its last known token: sample one token
     # from the logits at that position. False for a prefill chunk that does not end the prompt.
     do_sample: list[bool] = field(default_factory=list)

@@ -40,6 +40,8 @@ class ModelRunner:
         self.kv_cache = KVCache(model.config, block_manager, self.device, model.compute_dtype,
                                 kv_cache_dtype, index_cache_dtype, state_dtype)
         self.sampler = Sampler()
+        # the last step's rows with draft tokens, by request id, until rollback() or the next step
+        self.speculative: dict[str, RequestView] = {}
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -61,6 +63,7 @@ class ModelRunner:
             return {kind: batch.block_tables[kind][i] for kind in batch.block_tables}
 
         views, bounds, begin = [], [], 0
+        self.speculative = {}
         single: list[int] = []  # rows with one token: attended together (DecodeRows)
         starts: list[int] = []  # their token's place on the flat axis
         for i in range(batch.num_reqs):
@@ -69,8 +72,12 @@ class ModelRunner:
                 single.append(i)
                 starts.append(begin)
             else:
+                drafts = batch.num_draft_tokens[i] if batch.num_draft_tokens else 0
                 views.append(RequestView(self.kv_cache, tables(i), batch.swa_block_offsets[i],
-                                         batch.state_slots[i], batch.num_computed_tokens[i]))
+                                         batch.state_slots[i], batch.num_computed_tokens[i],
+                                         speculative=drafts > 0))
+                if drafts:
+                    self.speculative[batch.req_ids[i]] = views[-1]
                 bounds.append((begin, begin + n))
             begin += n
         group = decode_index = None
@@ -102,6 +109,12 @@ class ModelRunner:
         for row, token in zip(rows, sampled):
             result[row] = [token]
         return result, out, prompt_lps
+
+    def rollback(self, request_id: str, end: int) -> None:
+        """Forget the last step's tokens of a speculative row from position ``end`` on (its
+        rejected drafts): the compressor state becomes what computing only [0, end) leaves.
+        The scheduler sets the request's num_computed_tokens to ``end`` likewise."""
+        self.speculative[request_id].rollback(end)
 
     def _prompt_logprobs(self, batch: ScheduledBatch, h: torch.Tensor) -> PromptLogprobs:
         """Log-softmax of the logits at each scheduled position p < prompt length - 1 of rows

@@ -52,10 +52,11 @@ class CompressorStore(Protocol):
         """Keep kv, score [B, ratio, width] as the last complete window."""
         ...
 
-    def keep_windows(self, first: int, kv: torch.Tensor, score: torch.Tensor) -> None:
-        """CSA: the segment's complete windows kv, score [B, n, ratio, width], the first being
-        window number `first`. A store with a prefix cache keeps those that end a cache block
-        (the next window's pooling reads them); others ignore the call."""
+    def observe(self, start: int, kv: torch.Tensor, score: torch.Tensor) -> None:
+        """Every row the segment pools or leaves pending, kv, score [B, n, width] at positions
+        start.. (a window start: the pending rows first, then the segment's own). The paged
+        store keeps what it needs from them: CSA's rows at the end of a cache block (prefix
+        caching) and a speculative row's rows (rollback); others ignore the call."""
         ...
 
     def append(self, entries: torch.Tensor) -> None:

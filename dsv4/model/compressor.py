@@ -53,6 +53,7 @@ class Compressor(nn.Module):
         if pending is not None:
             kv = torch.cat([pending[0], kv], dim=1)
             score = torch.cat([pending[1], score], dim=1)
+        state.observe(start_pos - num_pending, kv, score)
         first_window = (start_pos - num_pending) // m
         n_win = kv.shape[1] // m
         cut = n_win * m
@@ -63,7 +64,6 @@ class Compressor(nn.Module):
         score = score[:, :cut].unflatten(1, (n_win, m))
         if self.overlap:
             prev = state.previous() if first_window > 0 else None
-            state.keep_windows(first_window, kv, score)
             state.set_previous(kv[:, -1], score[:, -1])
             kv = self._overlap(kv, None if prev is None else prev[0], 0.0)
             score = self._overlap(score, None if prev is None else prev[1], float("-inf"))

@@ -50,8 +50,8 @@ class CompressorState:
     def set_previous(self, kv: torch.Tensor, score: torch.Tensor) -> None:
         self.prev_kv, self.prev_score = kv, score
 
-    def keep_windows(self, first: int, kv: torch.Tensor, score: torch.Tensor) -> None:
-        """Nothing to keep: a sequence cache has no prefix cache."""
+    def observe(self, start: int, kv: torch.Tensor, score: torch.Tensor) -> None:
+        """Nothing to keep: a sequence cache has no prefix cache and no speculation."""
 
     def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor, Decoder | None]:
         slots = torch.arange(count, device=self.entries.device)
