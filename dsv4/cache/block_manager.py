@@ -162,9 +162,8 @@ class BlockManager:
 
         Fixed shares first: per running request one state slot and the swa blocks of a decode
         window (ceil((W - 1) / B) + 1, and PREFIX_SWA_BLOCKS more with prefix caching), plus swa
-        blocks for one full-budget prefill chunk. The
-        rest goes to csa and hca, which every request holds in equal numbers (ceil(end / B)),
-        so both pools get the same count. If the budget cannot hold max_num_seqs requests and
+        blocks for one full-budget prefill chunk. The rest goes to csa and hca, which every
+        request holds in equal numbers (ceil(end / B)), so both pools get the same count. If the budget cannot hold max_num_seqs requests and
         one max_model_len request, fewer state slots are planned (the scheduler then runs fewer
         requests at once); if not even one fits, ValueError.
         """
