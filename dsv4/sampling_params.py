@@ -51,6 +51,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    # prefix caching: only requests with the same salt share cached blocks (vLLM's cache_salt,
+    # which it takes in the request body; here it travels with the params), so one tenant
+    # cannot time another's prompts through cache hits. None: the shared cache
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,6 +103,8 @@ class SamplingParams:
             value = getattr(self, name)
             check(value is None or (_is_int(value) and value >= 0), name,
                   f"{name} must be an integer >= 0 or None, got {value!r}")
+        check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt),
+              "cache_salt", f"cache_salt must be a non-empty string, got {self.cache_salt!r}")
         assert isinstance(self.stop, list)
         check(all(isinstance(s, str) and s for s in self.stop), "stop",
               f"stop must be non-empty strings, got {self.stop!r}")

@@ -349,11 +349,14 @@ class BlockManager:
     def caching(self) -> bool:
         return self.hash_seed is not None
 
-    def hash_blocks(self, hashes: list[bytes], token_ids: Sequence[int]) -> list[bytes]:
-        """Extend ``hashes`` (in place) to every full block of ``token_ids``."""
+    def hash_blocks(self, hashes: list[bytes], token_ids: Sequence[int],
+                    salt: str | None = None) -> list[bytes]:
+        """Extend ``hashes`` (in place) to every full block of ``token_ids``; a ``salt`` starts
+        a chain of its own (only requests with the same salt share blocks)."""
         if self.hash_seed is None:
             raise RuntimeError("prefix caching is off: no block hashes")
-        return block_hash.extend_block_hashes(hashes, self.hash_seed, token_ids, self.block_size)
+        seed = self.hash_seed if salt is None else block_hash.hash_seed(self.hash_seed.hex(), salt)
+        return block_hash.extend_block_hashes(hashes, seed, token_ids, self.block_size)
 
     def find_cached_prefix(self, hashes: Sequence[bytes], max_tokens: int) -> CachedPrefix:
         """The longest cached prefix of at most ``max_tokens`` tokens whose every kind is there:

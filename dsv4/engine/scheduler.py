@@ -185,8 +185,12 @@ class Scheduler:
         bm = self.block_manager
         if not bm.caching or req.sampling_params.prompt_logprobs is not None:
             return NO_PREFIX
-        bm.hash_blocks(req.block_hashes, req.all_token_ids)
-        return bm.find_cached_prefix(req.block_hashes, req.num_tokens - 1)
+        return bm.find_cached_prefix(self._hashes(req), req.num_tokens - 1)
+
+    def _hashes(self, req: Request) -> list[bytes]:
+        """The request's block hashes, extended to its full blocks so far."""
+        return self.block_manager.hash_blocks(req.block_hashes, req.all_token_ids,
+                                              req.sampling_params.cache_salt)
 
     def cached_prefix_tokens(self, req: Request) -> int:
         """Tokens of ``req`` this scheduler's cache could skip now (0 with caching off)."""
@@ -275,8 +279,7 @@ class Scheduler:
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted during the step
             if bm.caching:  # the step filled these blocks: later requests may reuse them
-                bm.hash_blocks(req.block_hashes, req.all_token_ids)
-                bm.cache_blocks(request_id, req.block_hashes, req.num_computed_tokens)
+                bm.cache_blocks(request_id, self._hashes(req), req.num_computed_tokens)
             if not batch.do_sample[i]:
                 continue  # a prefill chunk that samples nothing
             if not sampled_token_ids[i]:

@@ -103,6 +103,7 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    cache_salt: str | None = None  # vLLM: requests share cached prefixes only with equal salts
     # accepted, no effect
     user: str | None = None
     user_id: str | None = None

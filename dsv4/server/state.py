@@ -100,6 +100,7 @@ class ServerState:
             logit_bias=bias,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=skip_special_tokens,
+            cache_salt=req.cache_salt,
         )
         for ids in prompts:
             self.processor.validate(ids, params, prompt_field)

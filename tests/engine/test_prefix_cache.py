@@ -220,3 +220,17 @@ def test_kept_boundary_state_equals_a_cold_runs_state(tiny_checkpoint):
         for key, rows in want.items():
             for state, theirs in zip(cache.states[key], rows):
                 assert rel_err(state[:, slot, :4, :theirs.shape[-1]], theirs) <= 1e-12
+
+
+def test_cache_salt_keeps_tenants_apart(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint(tiny_config()))
+    prompt = prompts_of([40], seed=19)[0]
+
+    def cached(salt):
+        params = SamplingParams(max_tokens=1, cache_salt=salt)
+        return llm.generate(prompt_token_ids=[prompt], sampling_params=params)[0].num_cached_tokens
+
+    assert [cached(None), cached("a"), cached("a"), cached("b"), cached(None)] == \
+        [0, 0, 32, 0, 32]
+    with pytest.raises(ValueError, match="cache_salt"):
+        SamplingParams(cache_salt="")

@@ -109,6 +109,9 @@ def test_completions_report_cached_tokens(srv):
     assert again.usage.prompt_tokens == first.usage.prompt_tokens > 2 * BLOCK
     assert again.usage.prompt_tokens_details.cached_tokens == \
         (again.usage.prompt_tokens - 1) // BLOCK * BLOCK
+    salted = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2,
+                                       extra_body={"cache_salt": "tenant-b"})
+    assert salted.usage.prompt_tokens_details.cached_tokens == 0  # vLLM's cache_salt
 
 
 def test_forced_tool_call_phases_reuse_the_prompt(srv, script):
