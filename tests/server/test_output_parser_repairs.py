@@ -124,8 +124,8 @@ SUBMIT = [{"type": "function", "function": {"name": "submit", "arguments": "{}"}
 def test_self_closing_invoke(invoke: str) -> None:
     msg, _ = parse_all(f"Done.{_block(invoke)}{EOS}")
     assert (msg["content"], msg["tool_calls"]) == ("Done.", SUBMIT)
-    msg, _ = parse_all(f"Done.{_block(invoke, INV_F, invoke)}{EOS}")
-    assert msg["tool_calls"] == SUBMIT + F_CALL + SUBMIT
+    msg, parser = parse_all(f"Done.{_block(invoke, invoke, INV_F, invoke)}{EOS}")
+    assert msg["tool_calls"] == SUBMIT * 2 + F_CALL + SUBMIT and not parser.notes
     msg, _ = parse_all(f"Done.\n\n{invoke}")  # bare, cut by the end of the stream
     assert (msg["content"], msg["tool_calls"]) == ("Done.", SUBMIT)
     msg, _ = parse_all(f"plan\n\n{invoke}\n{EOS}", thinking=True)

@@ -145,8 +145,10 @@ class ToolBlockParser:
                 return True
         else:
             self._open_call(match.group(1))
-            if match.group(2) and mark == INVOKE_OPEN:  # self-closing: no "not closed" note
+            if match.group(2) and mark == INVOKE_OPEN:  # R9: self-closed, the next one follows
                 self._close_call()
+                self._buf, self._state = rest, HEADER
+                return True
         return self._after_invoke_mark(mark, rest)
 
     def _after_invoke_mark(self, mark: str, rest: str) -> bool:
