@@ -91,12 +91,14 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest,
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stats = RequestStats(state.metrics, len(prompt_ids))
     gen = Generation(state.llm, state.tokenizer, [prompt_ids], params, rid, stats, plan)
-    return ChatRun(state, req, gen, model, prompt, thinking, tools_enabled)
+    return ChatRun(state, req, gen, model, prompt, thinking, tools_enabled, tools)
 
 
 class _ChoiceState:
-    def __init__(self, prompt: str, thinking: bool, tools_enabled: bool) -> None:
-        self.parser = DSV4OutputParser(prompt, tools_enabled=tools_enabled, in_reasoning=thinking)
+    def __init__(self, prompt: str, thinking: bool, tools_enabled: bool,
+                 tools: dict[str, Any]) -> None:
+        self.parser = DSV4OutputParser(prompt, tools_enabled=tools_enabled, in_reasoning=thinking,
+                                       tools=tools)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.call_ids: dict[int, str] = {}
@@ -107,11 +109,12 @@ class ChatRun:
     """One validated chat request: drives its Generation into a response or SSE chunks."""
 
     def __init__(self, state: ServerState, req: ChatCompletionRequest, gen: Generation,
-                 model: str, prompt: str, thinking: bool, tools_enabled: bool) -> None:
+                 model: str, prompt: str, thinking: bool, tools_enabled: bool,
+                 tools: dict[str, Any] | None = None) -> None:
         self.state, self.req, self.gen, self.model = state, req, gen, model
         self.thinking = thinking
         self.num_prompt_tokens = len(gen.prompts[0])
-        self.choices = [_ChoiceState(prompt, thinking, tools_enabled)
+        self.choices = [_ChoiceState(prompt, thinking, tools_enabled, tools or {})
                         for _ in range(gen.num_choices)]
         self.created = int(time.time())
         self.think_close = state.tokenizer.token_to_id(THINK_CLOSE)

@@ -2,7 +2,8 @@
 
 Every completion the strict reference parser accepts must stream to the same reasoning, content
 and tool-call arguments, byte for byte, however the text is split into deltas. Each recovery rule
-(R1-R7 in the parser's docstring) and the no-tools mode has its own test.
+(R1-R7 in the parser's docstring) and the no-tools mode has its own test; R8, R9 and the
+damaged-markup cases of R1, R3 and R4 are in test_output_parser_repairs.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 
 import pytest
 from conftest import CHAT_DATA, CHAT_EXAMPLES
+from parser_harness import BLOCK_F, F_CALL, INV_F, chunkings, parse_all, stream, strict_json
 
 from dsv4.encoding import (
     ASSISTANT,
@@ -51,50 +53,6 @@ def _fixture_completions() -> dict[str, tuple[str, str]]:
 
 
 FIXTURES = _fixture_completions()
-
-
-def chunkings(text: str) -> list[list[str]]:
-    """Whole, one character at a time, pairs, and random splits with fixed seeds."""
-    out = [[text], list(text), [text[i:i + 2] for i in range(0, len(text), 2)]]
-    for seed in range(4):
-        rng, pieces, i = random.Random(seed), [], 0
-        while i < len(text):
-            j = i + rng.randint(1, 12)
-            pieces.append(text[i:j])
-            i = j
-        out.append(pieces)
-    return out
-
-
-def stream(chunks: list[str], **kwargs) -> tuple[dict, DSV4OutputParser, list[ParserEvent]]:
-    """Feed chunks, rebuild the message from the events alone, check it against the aggregate."""
-    parser = DSV4OutputParser(**kwargs)
-    events: list[ParserEvent] = []
-    for chunk in chunks:
-        events += parser.feed(chunk)
-    events += parser.finish()
-    calls: dict[int, list] = {}
-    for ev in events:
-        if ev.kind == TOOL_CALL:
-            assert ev.index == len(calls)
-            calls[ev.index] = [ev.text, "", False]
-        elif ev.kind == TOOL_ARGS:
-            assert not calls[ev.index][2]
-            calls[ev.index][1] += ev.text
-        elif ev.kind == TOOL_END:
-            calls[ev.index][2] = True
-        else:
-            assert ev.kind in (REASONING, CONTENT) and ev.index == -1 and ev.text
-    assert all(done for _, _, done in calls.values()), "every call must end"
-    message = {
-        "role": "assistant",
-        "content": "".join(e.text for e in events if e.kind == CONTENT),
-        "reasoning_content": "".join(e.text for e in events if e.kind == REASONING),
-        "tool_calls": [{"type": "function", "function": {"name": n, "arguments": a}}
-                       for n, a, _ in calls.values()],
-    }
-    assert message == parser.result()
-    return message, parser, events
 
 
 def assert_streams_like_reference(text: str, mode: str) -> None:
@@ -204,20 +162,6 @@ def test_lifecycle() -> None:
 
 # --- recovery rules ---------------------------------------------------------------------------
 
-INV_F = f'<{DSML}invoke name="f">\n<{DSML}parameter name="a" string="true">v</{DSML}parameter>' \
-        f"\n</{DSML}invoke>"
-BLOCK_F = f"\n\n<{DSML}tool_calls>\n{INV_F}\n</{DSML}tool_calls>"
-F_CALL = [{"type": "function", "function": {"name": "f", "arguments": '{"a": "v"}'}}]
-
-
-def parse_all(text: str, thinking: bool = False, **kwargs) -> tuple[dict, DSV4OutputParser]:
-    """Parse in every chunking; all must agree; return the message and the whole-text parser."""
-    results = [stream(chunks, in_reasoning=thinking, **kwargs) for chunks in chunkings(text)]
-    for message, _, _ in results:
-        assert message == results[0][0]
-    return results[0][0], results[0][1]
-
-
 def test_r1_tool_block_inside_reasoning() -> None:
     msg, parser = parse_all(f"plan it{BLOCK_F}{EOS}", thinking=True)
     assert (msg["reasoning_content"], msg["content"], msg["tool_calls"]) == ("plan it", "", F_CALL)
@@ -229,7 +173,7 @@ def test_r1_tool_block_inside_reasoning() -> None:
 
 
 def test_r2_invoke_without_opener() -> None:
-    msg, parser = parse_all(f"Sure.\n\n{INV_F}{EOS}")
+    msg, _ = parse_all(f"Sure.\n\n{INV_F}{EOS}")
     assert (msg["content"], msg["tool_calls"]) == ("Sure.", F_CALL)
     msg, _ = parse_all(f"Sure.\n\n{INV_F}\n{INV_F}\n</{DSML}tool_calls>{EOS}")
     assert (msg["content"], msg["tool_calls"]) == ("Sure.", F_CALL * 2)
@@ -251,8 +195,8 @@ def test_r3_stray_markup_dropped(text: str, thinking: bool, reasoning: str, cont
 
 
 def test_r4_text_and_blocks_after_a_block() -> None:
-    msg, _ = parse_all(f"intro{BLOCK_F}\n\n  then more{BLOCK_F}{EOS}")
-    assert (msg["content"], msg["tool_calls"]) == ("introthen more", F_CALL * 2)
+    msg, _ = parse_all(f"intro{BLOCK_F}\n\n  then more{BLOCK_F}\n \n{EOS}")
+    assert (msg["content"], msg["tool_calls"]) == ("intro\n\n  then more", F_CALL * 2)
 
 
 def test_r5_cut_blocks() -> None:
@@ -320,7 +264,9 @@ _SOUP = ["a", "b c", "\n", "\n\n", "<", ">", '"', "=", "/", "中", "{", "1", EOS
          f"<{DSML}invoke", f'<{DSML}invoke name="f">', f"</{DSML}invoke>",
          f"<{DSML}parameter", f'<{DSML}parameter name="k" string="true">',
          f'<{DSML}parameter name="n" string="false">', f"</{DSML}parameter>", ' name="x">',
-         ' string="true">', "<\n", "<｜end▁of", "▁sentence｜>", "<｜DS", "ML｜"]
+         ' string="true">', "<\n", "<｜end▁of", "▁sentence｜>", "<｜DS", "ML｜",
+         f"<{DSML}toolcalls>", f"</{DSML} SugarPanel>", f'<{DSML}invoke name="s"/>', "NaN",
+         "[broken", "1e999", "</"]
 
 
 def test_invariants_on_arbitrary_text() -> None:
@@ -331,5 +277,7 @@ def test_invariants_on_arbitrary_text() -> None:
             for tools in (True, False):
                 msg, _ = parse_all(text, thinking, tools_enabled=tools)
                 assert not any(tok in msg["content"] for tok in FORBIDDEN), text
+                for call in msg["tool_calls"]:
+                    assert isinstance(strict_json(call["function"]["arguments"]), dict), text
                 if not tools:
                     assert msg["tool_calls"] == []

@@ -267,3 +267,15 @@ def test_n_seed_and_logprobs(client):
         assert len(choice.logprobs.content) == 5
         assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in choice.logprobs.content)
     assert a.usage.completion_tokens == 10
+
+
+def test_damaged_values_are_repaired_by_the_declared_schema(client, script):
+    bad = CALL.replace('string="true">Paris', 'string="false">Paris').replace(">3<", "> +3<")
+    script(lambda p: bad if "[badjson]" in p else None)
+    r = ask(client, "[badjson] Paris?", tools=[WEATHER], extra_body=NO_THINK)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.arguments == '{"city": "Paris", "days": 3}'  # by the schema's types
+    stream = ask(client, "[badjson] Paris?", tools=[WEATHER], extra_body=NO_THINK, stream=True)
+    args = "".join(tc.function.arguments or "" for chunk in stream
+                   for tc in chunk.choices[0].delta.tool_calls or [])
+    assert args == '{"city": "Paris", "days": 3}'

@@ -8,6 +8,8 @@ with it) is held back. Decisions therefore never depend on how the text was chun
 
 from __future__ import annotations
 
+import re
+
 from dsv4.encoding_tokens import (
     ASSISTANT,
     BLOCK_CLOSE,
@@ -25,11 +27,15 @@ from dsv4.encoding_tokens import (
 )
 
 PARAM_CLOSE = f"</{DSML}parameter>"
+TAG_OPEN = f"<{DSML}"  # any DSML tag, damaged ones included
+TAG_CLOSE_OPEN = f"</{DSML}"
+TAG_NAME_MAX = 40  # a damaged tag's name (``toolcalls``, `` SugarPanel``) is at most this long
 # dropped from content wherever they appear (R3); the longer tags win over bare ｜DSML｜
 STRAYS = (BLOCK_CLOSE, f"</{DSML}invoke>", PARAM_CLOSE, DSML, THINK_OPEN, THINK_CLOSE, BOS)
-REASONING_MARKS = (THINK_CLOSE, BLOCK_OPEN, EOS, THINK_OPEN, BOS)
+REASONING_MARKS = (THINK_CLOSE, TAG_OPEN, EOS, THINK_OPEN, BOS)
 CONTENT_MARKS = (BLOCK_OPEN, INVOKE_OPEN, EOS) + STRAYS
-BLOCK_MARKS = (INVOKE_OPEN, BLOCK_CLOSE, EOS, BLOCK_OPEN)
+BLOCK_MARKS = (INVOKE_OPEN, BLOCK_CLOSE, EOS, BLOCK_OPEN, TAG_CLOSE_OPEN)
+AFTER_BLOCK_DROPS = (BLOCK_OPEN, INVOKE_OPEN, EOS)  # whitespace before these is not kept
 HEADER_MARKS = (PARAM_OPEN, INVOKE_CLOSE, INVOKE_OPEN, BLOCK_CLOSE, EOS)
 PHEADER_ABORTS = (PARAM_END, PARAM_OPEN, INVOKE_CLOSE, INVOKE_OPEN, BLOCK_CLOSE, EOS)
 VALUE_ENDS = (f"<{PARAM_END}", f"<\n{PARAM_END}", PARAM_END)
@@ -101,16 +107,51 @@ def json_escape(text: str) -> str:
     return to_json(text)[1:-1]
 
 
-def opener_verdict(rest: str) -> bool | None:
-    """After ``<｜DSML｜tool_calls`` in reasoning: a real block (">", whitespace, invoke)?
+def tag_end(rest: str) -> int | None:
+    """``rest`` follows ``<｜DSML｜`` or ``</｜DSML｜``: the length of the tag's remainder up to and
+    including ``>``, -1 when it is no tag (a newline or ``<`` first, or a name too long), None
+    while undecided."""
+    for i, char in enumerate(rest[:TAG_NAME_MAX + 1]):
+        if char == ">":
+            return i + 1
+        if char in "<\n":
+            return -1
+    return None if len(rest) <= TAG_NAME_MAX else -1
 
-    None means undecided yet (more text needed).
-    """
-    if not rest:
-        return None
-    if rest[0] != ">":
-        return False
-    after = rest[1:].lstrip()
-    if after.startswith(INVOKE_OPEN):
+
+_INVOKE_HEAD_RE = re.compile(r'\s*name\s*=\s*"[^"\n]*"\s*(/\s*)?>')
+_NAME_MAX = 120  # how far an invoke header in reasoning may run before it is taken for prose
+
+
+def _invoke_verdict(rest: str) -> bool | None:
+    """After ``<｜DSML｜invoke`` in reasoning: a complete header followed by a parameter or the
+    invoke's end (or a self-closing header) is a call; None while undecided."""
+    match = _INVOKE_HEAD_RE.match(rest)
+    if match is None:
+        return None if ">" not in rest and len(rest) <= _NAME_MAX else False
+    if match.group(1):
         return True
-    return None if INVOKE_OPEN.startswith(after) else False
+    tail = rest[match.end():].lstrip()
+    if tail.startswith((PARAM_OPEN, INVOKE_CLOSE)):
+        return True
+    return None if PARAM_OPEN.startswith(tail) or INVOKE_CLOSE.startswith(tail) else False
+
+
+def reasoning_tool_start(rest: str) -> tuple[bool | None, int]:
+    """After ``<｜DSML｜`` in reasoning: does a tool call start here (R1)?
+
+    -> (verdict, skip), verdict None while undecided. On True, ``rest[skip:]`` is what the
+    tool-block parser reads next: an invoke header's attributes after a bare ``invoke``, or the
+    block after an opener tag (``tool_calls`` or a damaged name) that an invoke follows.
+    """
+    if rest.startswith("invoke"):
+        return _invoke_verdict(rest[len("invoke"):]), len("invoke")
+    if "invoke".startswith(rest):
+        return None, 0
+    end = tag_end(rest)
+    if end is None or end == -1:
+        return (None if end is None else False), 0
+    after = rest[end:].lstrip()
+    if after.startswith(INVOKE_OPEN):
+        return True, end
+    return (None if INVOKE_OPEN.startswith(after) else False), 0

@@ -4,23 +4,34 @@ Feed detokenized text (special tokens kept) to ``feed``, then call ``finish``. T
 comes from the rendered prompt: reasoning iff its last assistant turn ends inside ``<think>``.
 Invariants, for any chunking: on every completion the reference parser accepts (tool names and
 keys free of DSML/EOS text) the joined reasoning/content deltas and each call's joined argument
-deltas equal the reference's strings byte for byte; ``content`` never holds ``｜DSML｜``,
-``<think>``, ``</think>``, BOS or EOS; text that may start a marker is held back until decided.
+deltas equal the reference's strings byte for byte, except R8 values; every call's arguments
+are one JSON object; ``content`` never holds ``｜DSML｜``, ``<think>``, ``</think>``, BOS or EOS;
+text that may start a marker is held back until decided.
 
 Recovery rules beyond the reference grammar (each has a test):
-R1 In reasoning, ``<｜DSML｜tool_calls>`` plus an invoke ends the reasoning (no ``</think>``).
+R1 In reasoning, a tool call ends the reasoning (no ``</think>``): an opener tag (``tool_calls``
+   or a damaged name such as ``toolcalls``) followed by an invoke, or a bare invoke whose
+   header is complete and followed by a parameter, its end, or is self-closing. Markup merely
+   mentioned in prose stays in the reasoning.
 R2 A bare ``<｜DSML｜invoke`` in content opens a tool block (the opener was dropped).
    Both openers take up to two newlines before them out of the content.
-R3 Stray ``<think>``, ``</think>``, BOS, DSML closing tags and any other ``｜DSML｜`` are cut out
-   of content (``<think>`` and BOS also out of reasoning).
-R4 Text after ``</｜DSML｜tool_calls>`` is content again (leading whitespace dropped), so a later
-   block is parsed as well.
+R3 Stray ``<think>``, ``</think>``, BOS and DSML closing tags are cut out of content (``<think>``
+   and BOS also out of reasoning); so is any other ``<｜DSML｜name>`` / ``</｜DSML｜name>`` tag,
+   whole, with up to two newlines before it (a damaged wrapper such as ``<｜DSML｜toolcalls>``),
+   or a bare ``｜DSML｜`` when no short tag follows.
+R4 Text after ``</｜DSML｜tool_calls>`` (or a damaged block end such as ``</｜DSML｜toolcalls>``)
+   is content again, so a later block is parsed as well. Whitespace after a block is kept when
+   text follows, dropped before EOS, the end or another block.
 R5 EOS or end of stream inside a block closes it. A call with a complete header and complete
    parameters is kept, a cut parameter header is dropped, a cut value is closed as it stands and
    ``truncated`` is set.
 R6 A value still open at EOS whose text holds ``</｜DSML｜invoke`` ends there (one newline trimmed).
 R7 Whitespace inside and between DSML tags is free. An invoke with a malformed header, or a
    parameter with a malformed header, is skipped whole; a repeated key keeps its first value.
+R8 A ``string="false"`` value is held until complete and kept verbatim only if it is strict JSON;
+   otherwise it is coerced by the declared schema (``tools``) or becomes a JSON string
+   (``arguments.py``).
+R9 A self-closing invoke (``<｜DSML｜invoke name="f"/>``) is a call with arguments ``{}``.
 No tools declared (``tools_enabled=False``): no tool event is ever emitted, yet blocks are still
 parsed so their markup never leaks into content (serving.md pain point 1); the calls are kept
 in ``suppressed_calls`` for logging. EOS always ends the output; text after it is ignored.
@@ -28,20 +39,15 @@ in ``suppressed_calls`` for logging. EOS always ends the output; text after it i
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 from typing import Any
 
 from dsv4.encoding_tokens import (
-    BLOCK_CLOSE,
     BLOCK_OPEN,
     DSML,
     EOS,
-    INVOKE_CLOSE,
     INVOKE_OPEN,
-    PARAM_END,
-    PARAM_OPEN,
     THINK_CLOSE,
-    to_json,
 )
 from dsv4.server.parsers.events import (
     CONTENT,
@@ -52,55 +58,43 @@ from dsv4.server.parsers.events import (
     ParserEvent,
 )
 from dsv4.server.parsers.markers import (
-    AFTER_PARAM_MARKS,
-    BLOCK_MARKS,
+    AFTER_BLOCK_DROPS,
     CONTENT_MARKS,
-    HEADER_MARKS,
-    PHEADER_ABORTS,
     REASONING_MARKS,
-    SKIP_INVOKE_MARKS,
-    SKIP_PARAM_MARKS,
-    VALUE_HOLD,
+    TAG_OPEN,
     first,
-    held,
-    json_escape,
-    opener_verdict,
     prompt_ends_in_reasoning,
+    reasoning_tool_start,
     safe_end,
+    tag_end,
     trim_newlines,
 )
+from dsv4.server.parsers.tool_block import BLOCK, HEADER, ToolBlockParser
 
 __all__ = [
     "CONTENT", "REASONING", "TOOL_ARGS", "TOOL_CALL", "TOOL_END", "DSV4OutputParser",
     "ParserEvent", "parse_completion", "prompt_ends_in_reasoning",
 ]
 
-_BLOCK, _HEADER, _PHEADER, _VALUE, _AFTER, _SKIP_PARAM, _SKIP_INVOKE, _DONE = (
-    "block", "header", "param_header", "value", "after_param", "skip_param", "skip_invoke", "done"
-)
-_HEADER_RE = re.compile(r'\s*name\s*=\s*"(.*)"\s*>\s*\Z', re.S)
-_PARAM_RE = re.compile(r'\s*name\s*=\s*"(.*?)"\s*string\s*=\s*"(true|false)"\s*>', re.S)
+_DONE = "done"
 
 
-class DSV4OutputParser:
+class DSV4OutputParser(ToolBlockParser):
     """Incremental parser; see the module docstring for the grammar and recovery rules."""
 
     def __init__(
         self, prompt: str | None = None, *, tools_enabled: bool = True,
-        in_reasoning: bool | None = None,
+        in_reasoning: bool | None = None, tools: Mapping[str, Any] | None = None,
     ) -> None:
         if in_reasoning is None:
             in_reasoning = prompt_ends_in_reasoning(prompt or "")
         self.tools_enabled = tools_enabled
+        self._init_block(tools)
         self._state = REASONING if in_reasoning else CONTENT
         self._buf = ""
         self._events: list[ParserEvent] = []
-        self._strip_ws = False  # drop whitespace that follows a closed block (R4)
+        self._after_block = False  # a block just closed: whitespace waits for what follows (R4)
         self._stash = ""  # content held over a block: it may join the text after it
-        self._call = -1  # index of the open call, -1 when none is open
-        self._count = 0  # calls started so far
-        self._keys: set[str] = set()
-        self._is_str = False
         self._finished = False
         self.truncated = False
         self.notes: list[str] = []  # what was dropped or repaired, for logs
@@ -191,18 +185,6 @@ class DSV4OutputParser:
         else:
             self._events.append(ParserEvent(kind, text, index))
 
-    def _open_call(self, name: str) -> None:
-        self._call, self._count = self._count, self._count + 1
-        self._keys = set()
-        self._emit(TOOL_CALL, name)
-        self._emit(TOOL_ARGS, "{")
-
-    def _close_call(self) -> None:
-        if self._call >= 0:
-            self._emit(TOOL_ARGS, "}")
-            self._emit(TOOL_END)
-            self._call = -1
-
     def _end(self, rest: str = "") -> None:
         """EOS (or end of stream): close any open call, flush stashed content, and stop."""
         self._close_call()
@@ -214,17 +196,13 @@ class DSV4OutputParser:
         self._buf, self._state = "", _DONE
 
     def _to_content_after_block(self) -> None:
-        self._state, self._strip_ws = CONTENT, True
+        self._state, self._after_block = CONTENT, True
 
     # -- state machine ---------------------------------------------------------------------------
 
     def _run(self, final: bool) -> None:
-        handlers = {
-            REASONING: self._reasoning, CONTENT: self._content, _BLOCK: self._block,
-            _HEADER: self._header, _PHEADER: self._param_header, _VALUE: self._value,
-            _AFTER: self._after_param, _SKIP_PARAM: self._skip_param,
-            _SKIP_INVOKE: self._skip_invoke,
-        }
+        handlers = {REASONING: self._reasoning, CONTENT: self._content,
+                    **self._block_handlers()}
         while self._state != _DONE and handlers[self._state](final):
             pass
         if final and self._state != _DONE:
@@ -247,8 +225,8 @@ class DSV4OutputParser:
             self._emit(REASONING, buf[:pos])
             self._buf, self._state = rest, CONTENT
             return True
-        if mark == BLOCK_OPEN:
-            verdict = opener_verdict(rest)
+        if mark == TAG_OPEN:
+            verdict, skip = reasoning_tool_start(rest)
             if verdict is None and not final:  # undecided: hold from the newlines before it
                 end = len(trim_newlines(buf[:pos]))
                 self._emit(REASONING, buf[:end])
@@ -256,8 +234,9 @@ class DSV4OutputParser:
                 return False
             if verdict:  # R1
                 self._emit(REASONING, trim_newlines(buf[:pos]))
-                self._buf, self._state = rest, _BLOCK
-                self.notes.append("tool block opened inside reasoning")
+                self._buf = rest[skip:]
+                self._state = HEADER if rest.startswith("invoke") else BLOCK
+                self.notes.append("tool call started inside reasoning")
                 return True
             self._emit(REASONING, buf[:pos + len(mark)])
             self._buf = rest
@@ -268,13 +247,14 @@ class DSV4OutputParser:
 
     def _content(self, final: bool) -> bool:
         buf = self._buf
-        if self._strip_ws:
-            buf = buf.lstrip()
-            if not buf:
-                self._buf = buf
+        if self._after_block:  # R4: whitespace after a block is kept before text only
+            text = buf.lstrip()
+            if not final and (not text or any(m.startswith(text) for m in AFTER_BLOCK_DROPS)):
                 return False
+            if not text or text.startswith(AFTER_BLOCK_DROPS):
+                buf = text
             buf = self._buf = self._stash + buf
-            self._stash, self._strip_ws = "", False
+            self._stash, self._after_block = "", False
         pos, mark = first(buf, CONTENT_MARKS, final)
         if mark is None:
             end = safe_end(buf, CONTENT_MARKS)
@@ -297,189 +277,38 @@ class DSV4OutputParser:
             self._emit(CONTENT, before[:keep])
             self._stash = before[keep:]
             self._buf = rest
-            self._state = _BLOCK if mark == BLOCK_OPEN else _HEADER
+            self._state = BLOCK if mark == BLOCK_OPEN else HEADER
             if mark == INVOKE_OPEN:
                 self.notes.append("tool_calls opener missing before invoke")  # R2
             return True
+        if mark == DSML and buf[:pos].endswith(("<", "</")):  # R3: a whole tag, maybe damaged
+            start = pos - 2 if buf[:pos].endswith("</") else pos - 1
+            size = tag_end(rest)
+            if size is None and not final:  # undecided: hold from the newlines before it
+                keep = safe_end(buf[:start], CONTENT_MARKS)
+                self._emit(CONTENT, buf[:keep])
+                self._buf = buf[keep:]
+                return False
+            if size != -1:
+                end = len(buf) if size is None else pos + len(mark) + size
+                self.notes.append(f"dropped tag {buf[start:end]!r} from content")
+                before = trim_newlines(buf[:start])  # commit what streaming would have sent
+                keep = safe_end(before, CONTENT_MARKS, newlines=0)
+                self._emit(CONTENT, before[:keep])
+                self._buf = before[keep:] + buf[end:]
+                return True
         self.notes.append(f"dropped {mark!r} from content")  # R3: splice, then rescan
         self._buf = buf[:pos] + rest
-        return True
-
-    def _block(self, final: bool) -> bool:
-        pos, mark = first(self._buf, BLOCK_MARKS, final)
-        if mark is None:
-            self._note_filler(self._buf[:len(self._buf) - held(self._buf, BLOCK_MARKS)])
-            self._buf = self._buf[len(self._buf) - held(self._buf, BLOCK_MARKS):]
-            return False
-        self._note_filler(self._buf[:pos])
-        rest = self._buf[pos + len(mark):]
-        self._buf = rest
-        if mark == EOS:
-            self._end(rest)
-            return False
-        if mark == INVOKE_OPEN:
-            self._state = _HEADER
-        elif mark == BLOCK_CLOSE:
-            self._to_content_after_block()
-        return True  # a repeated opener is ignored
-
-    def _note_filler(self, filler: str) -> None:
-        if filler.strip().lstrip(">").strip():
-            self.notes.append(f"dropped text inside tool block: {filler!r}")
-
-    def _header(self, final: bool) -> bool:
-        buf = self._buf
-        pos, mark = first(buf, HEADER_MARKS, final)
-        if mark is None:
-            if final:
-                match = _HEADER_RE.match(buf[:len(buf) - held(buf, HEADER_MARKS)])
-                if match:  # R5: a complete header cut at the end
-                    self._open_call(match.group(1))
-                self._end()
-            return False
-        match = _HEADER_RE.match(buf[:pos])
-        rest = buf[pos + len(mark):]
-        if match is None:
-            self.notes.append(f"malformed invoke header {buf[:pos]!r} skipped")
-            if mark == PARAM_OPEN:
-                self._buf, self._state = rest, _SKIP_INVOKE
-                return True
-        else:
-            self._open_call(match.group(1))
-        return self._after_invoke_mark(mark, rest)
-
-    def _after_invoke_mark(self, mark: str, rest: str) -> bool:
-        """Shared transition once an invoke header or a parameter has ended at ``mark``."""
-        self._buf = rest
-        if mark == PARAM_OPEN:
-            self._state = _PHEADER
-            return True
-        self._close_call()
-        if mark == EOS:
-            self._end(rest)
-            return False
-        if mark == INVOKE_OPEN:
-            self.notes.append("invoke not closed before the next one")
-            self._state = _HEADER
-        elif mark == BLOCK_CLOSE:
-            self._to_content_after_block()
-        else:
-            self._state = _BLOCK
-        return True
-
-    def _param_header(self, final: bool) -> bool:
-        buf = self._buf
-        match = _PARAM_RE.match(buf)
-        pos, mark = first(buf, PHEADER_ABORTS, final)
-        if match and (mark is None or match.end() <= pos):
-            key, flag = match.group(1), match.group(2)
-            self._buf = buf[match.end():]
-            if key in self._keys:
-                self.notes.append(f"repeated parameter {key!r} skipped")
-                self._state = _SKIP_PARAM
-                return True
-            self._is_str = flag == "true"
-            piece = (", " if self._keys else "") + to_json(key) + ": "
-            self._emit(TOOL_ARGS, piece + ('"' if self._is_str else ""))
-            self._keys.add(key)
-            self._state = _VALUE
-            return True
-        if mark is not None:
-            self.notes.append(f"malformed parameter header {buf[:pos]!r} skipped")
-            skip = len(mark) if mark == PARAM_END else 0
-            self._buf, self._state = buf[pos + skip:], _AFTER
-            return True
-        if final:
-            self._end()
-        return False
-
-    def _value(self, final: bool) -> bool:
-        buf = self._buf
-        end_pos, eos_pos = buf.find(PARAM_END), buf.find(EOS)
-        if end_pos != -1 and (eos_pos == -1 or end_pos < eos_pos):
-            value = buf[:end_pos]
-            if value.endswith("<"):
-                value = value[:-1]
-            elif value.endswith("<\n"):
-                value = value[:-2]
-            self._emit_value(value, close=True)
-            self._buf, self._state = buf[end_pos + len(PARAM_END):], _AFTER
-            return True
-        if eos_pos != -1 or final:
-            stop = eos_pos if eos_pos != -1 else len(buf)
-            invoke_pos = buf.find(INVOKE_CLOSE, 0, stop)
-            if invoke_pos != -1:  # R6
-                self.notes.append("parameter not closed before </invoke>")
-                self._emit_value(trim_newlines(buf[:invoke_pos], 1), close=True)
-                self._close_call()
-                self._buf, self._state = buf[invoke_pos + len(INVOKE_CLOSE):], _BLOCK
-                return True
-            self.truncated = True  # R5
-            self.notes.append("tool call cut inside a parameter value")
-            self._emit_value(buf[:stop], close=True)
-            self._end(buf[stop + len(EOS):] if eos_pos != -1 else "")
-            return False
-        end = len(buf) - held(buf, VALUE_HOLD)
-        invoke_pos = buf.find(INVOKE_CLOSE)
-        if invoke_pos != -1:  # maybe R6: wait until the value's end is known
-            end = min(end, invoke_pos)
-        if end and buf[end - 1] == "\n":  # R6 would take it off
-            end -= 1
-        self._emit_value(buf[:end], close=False)
-        self._buf = buf[end:]
-        return False
-
-    def _emit_value(self, text: str, close: bool) -> None:
-        if self._is_str:
-            self._emit(TOOL_ARGS, json_escape(text) + ('"' if close else ""))
-        else:
-            self._emit(TOOL_ARGS, text)
-
-    def _after_param(self, final: bool) -> bool:
-        pos, mark = first(self._buf, AFTER_PARAM_MARKS, final)
-        if mark is None:
-            keep = held(self._buf, AFTER_PARAM_MARKS)
-            self._note_filler(self._buf[:len(self._buf) - keep])
-            self._buf = self._buf[len(self._buf) - keep:]
-            return False
-        self._note_filler(self._buf[:pos])
-        return self._after_invoke_mark(mark, self._buf[pos + len(mark):])
-
-    def _skip_param(self, final: bool) -> bool:
-        pos, mark = first(self._buf, SKIP_PARAM_MARKS, final)
-        if mark is None:
-            self._buf = self._buf[len(self._buf) - held(self._buf, SKIP_PARAM_MARKS):]
-            return False
-        rest = self._buf[pos + len(mark):]
-        if mark == EOS:
-            self._end(rest)
-            return False
-        self._buf, self._state = rest, _AFTER
-        return True
-
-    def _skip_invoke(self, final: bool) -> bool:
-        pos, mark = first(self._buf, SKIP_INVOKE_MARKS, final)
-        if mark is None:
-            self._buf = self._buf[len(self._buf) - held(self._buf, SKIP_INVOKE_MARKS):]
-            return False
-        rest = self._buf[pos + len(mark):]
-        self._buf = rest
-        if mark == EOS:
-            self._end(rest)
-            return False
-        if mark == BLOCK_CLOSE:
-            self._to_content_after_block()
-        else:
-            self._state = _BLOCK
         return True
 
 
 def parse_completion(
     text: str, prompt: str | None = None, *, tools_enabled: bool = True,
-    in_reasoning: bool | None = None,
+    in_reasoning: bool | None = None, tools: Mapping[str, Any] | None = None,
 ) -> DSV4OutputParser:
     """Run the tolerant parser over a whole completion; read ``result()`` and ``notes``."""
-    parser = DSV4OutputParser(prompt, tools_enabled=tools_enabled, in_reasoning=in_reasoning)
+    parser = DSV4OutputParser(prompt, tools_enabled=tools_enabled, in_reasoning=in_reasoning,
+                              tools=tools)
     parser.feed(text)
     parser.finish()
     return parser
