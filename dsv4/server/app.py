@@ -28,6 +28,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from dsv4.async_llm import AsyncLLM, EngineDeadError
 from dsv4.errors import InvalidRequestError
 from dsv4.server.access_log import AccessLogMiddleware
+from dsv4.server.anthropic import MessagesRun, count_tokens, prepare_messages
+from dsv4.server.anthropic_protocol import CountTokensRequest, MessagesRequest, anthropic_error
+from dsv4.server.api_serve import serve_events
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
 from dsv4.server.completions import CompletionRun, prepare_completion
 from dsv4.server.errors import install_error_handlers
@@ -79,16 +82,21 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
     async def body(request: Request) -> bytes:
         return await read_body(request, max_body)
 
-    async def auth(request: Request) -> None:
+    def check_key(request: Request) -> None:
+        """``Authorization: Bearer KEY`` (OpenAI) or ``x-api-key: KEY`` (Anthropic)."""
         if state.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 state.api_key.encode()):
-            what = "Missing" if not header else "Incorrect"
-            raise APIError(401, f"{what} API key (send Authorization: Bearer KEY)",
-                           code="invalid_api_key")
+        if scheme.lower() != "bearer":
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+            what = "Missing" if not token else "Incorrect"
+            raise APIError(401, f"{what} API key (send Authorization: Bearer KEY or "
+                           "x-api-key: KEY)", code="invalid_api_key")
+
+    async def auth(request: Request) -> None:
+        check_key(request)
 
     protected = [Depends(auth)]
 
@@ -123,6 +131,33 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
             return prepare_completion(state, req)  # type: ignore[arg-type]
 
         return await _serve(state, request, "completions", start, body)
+
+    def anthropic_shape(status: int, message: str, *_: Any) -> dict[str, Any]:
+        return anthropic_error(status, message)
+
+    def openai_shape(status: int, message: str, param: str | None,
+                     code: str | None) -> dict[str, Any]:
+        return APIError(status, message, param, code).body()
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        def start(data: bytes) -> MessagesRun:
+            req, raw = parse_request(data, MessagesRequest)
+            return prepare_messages(state, req, raw)  # type: ignore[arg-type]
+
+        return await serve_events(state, request, "messages", start, body, anthropic_shape,
+                                  check_key)
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(request: Request) -> Response:
+        try:
+            check_key(request)
+            req, raw = parse_request(await body(request), CountTokensRequest)
+            count = await asyncio.to_thread(count_tokens, state, req, raw)  # type: ignore[arg-type]
+        except (APIError, InvalidRequestError) as exc:
+            err = exc if isinstance(exc, APIError) else APIError.invalid(exc)
+            return JSONResponse(anthropic_error(err.status, err.message), status_code=err.status)
+        return JSONResponse({"input_tokens": count})
 
     @app.post("/tokenize", dependencies=protected)
     async def tokenize(request: Request) -> dict[str, Any]:
