@@ -36,7 +36,7 @@ from dsv4.server.anthropic_protocol import (
 )
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
 from dsv4.server.errors import APIError
-from dsv4.server.parsers import CONTENT, REASONING, TOOL_ARGS, TOOL_CALL, ParserEvent
+from dsv4.server.output_items import CALL, DELTA, OPEN, REASONING_ITEM, OutputItems, Step
 from dsv4.server.protocol import ChatCompletionRequest
 from dsv4.server.recipe import convert, to_chat
 from dsv4.server.state import ServerState
@@ -100,25 +100,20 @@ def prepare_messages(state: ServerState, req: MessagesRequest, raw: dict[str, An
 
 
 class MessagesRun:
-    """One Messages request: parser events -> Anthropic content blocks and stream events."""
+    """One Messages request: output items -> Anthropic content blocks and stream events."""
 
     def __init__(self, chat: ChatRun, model: str, stream: bool) -> None:
         self.chat, self.gen, self.model, self.streaming = chat, chat.gen, model, stream
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.items = OutputItems()
         self.blocks: list[dict[str, Any]] = []
-        self.open: int | None = None  # index of the open block
-        self.calls: dict[int, int] = {}  # parser call index -> block index
-        self.args: dict[int, str] = {}  # block index -> arguments text so far
         self.stop_reason: str | None = None
         self.stop_sequence: str | None = None
 
-    # ---- parser events -> Anthropic events ------------------------------------------------------
     def _events(self, delta: Delta) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for ev in self.chat.events(delta):
-            out += self._on(ev)
+        steps = self.items.feed(self.chat.events(delta))
         if delta.finished:
-            out += self._close()
+            steps += self.items.close()
             reason = self.chat.choices[0].finish_reason
             if reason == "length":
                 self.stop_reason = "max_tokens"
@@ -128,54 +123,36 @@ class MessagesRun:
                 self.stop_reason, self.stop_sequence = "stop_sequence", delta.stop_reason
             else:
                 self.stop_reason = "end_turn"
-        return out
+        return [e for step in steps for e in self._step(step)]
 
-    def _on(self, ev: ParserEvent) -> list[dict[str, Any]]:
-        if ev.kind in (REASONING, CONTENT):
-            if not ev.text:
-                return []
-            kind, field = ("thinking", "thinking") if ev.kind == REASONING else ("text", "text")
-            out = []
-            if self.open is None or self.blocks[self.open]["type"] != kind:
-                out += self._close()
-                out.append(self._start({"type": kind, field: ""} if kind == "text"
-                                       else {"type": kind, field: "", "signature": ""}))
-            self.blocks[self.open][field] += ev.text  # type: ignore[index]
-            out.append({"type": "content_block_delta", "index": self.open,
-                        "delta": {"type": f"{kind}_delta", field: ev.text}})
-            return out
-        if ev.kind == TOOL_CALL:
-            out = self._close()
-            out.append(self._start({"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}",
-                                    "name": ev.text, "input": {}}))
-            self.calls[ev.index] = self.open  # type: ignore[assignment]
-            self.args[self.open] = ""  # type: ignore[index]
-            return out
-        if ev.kind == TOOL_ARGS:
-            index = self.calls[ev.index]
-            self.args[index] += ev.text
-            return [{"type": "content_block_delta", "index": index,
-                     "delta": {"type": "input_json_delta", "partial_json": ev.text}}]
-        return self._close()  # TOOL_END
-
-    def _start(self, block: dict[str, Any]) -> dict[str, Any]:
-        self.open = len(self.blocks)
-        self.blocks.append(dict(block))
-        return {"type": "content_block_start", "index": self.open, "content_block": block}
-
-    def _close(self) -> list[dict[str, Any]]:
-        if self.open is None:
-            return []
-        index, self.open = self.open, None
-        block = self.blocks[index]
+    def _step(self, step: Step) -> list[dict[str, Any]]:
+        item = self.items.items[step.index]
+        if step.op == OPEN:
+            if item.kind == CALL:
+                block = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}",
+                         "name": item.name, "input": {}}
+            else:
+                block = {"type": "thinking", "thinking": "", "signature": ""} \
+                    if item.kind == REASONING_ITEM else {"type": "text", "text": ""}
+            self.blocks.append(dict(block))
+            return [{"type": "content_block_start", "index": step.index, "content_block": block}]
+        block = self.blocks[step.index]
+        if step.op == DELTA:
+            if item.kind == CALL:
+                delta = {"type": "input_json_delta", "partial_json": step.text}
+            else:
+                field = "thinking" if item.kind == REASONING_ITEM else "text"
+                block[field] += step.text
+                delta = {"type": f"{field}_delta", field: step.text}
+            return [{"type": "content_block_delta", "index": step.index, "delta": delta}]
         out = []
-        if block["type"] == "thinking":
+        if item.kind == REASONING_ITEM:
             block["signature"] = self.id
-            out.append({"type": "content_block_delta", "index": index,
+            out.append({"type": "content_block_delta", "index": step.index,
                         "delta": {"type": "signature_delta", "signature": self.id}})
-        elif block["type"] == "tool_use":
-            block["input"] = _input(self.args[index])
-        out.append({"type": "content_block_stop", "index": index})
+        elif item.kind == CALL:
+            block["input"] = _input(item.text)
+        out.append({"type": "content_block_stop", "index": step.index})
         return out
 
     def usage(self) -> dict[str, int]:
