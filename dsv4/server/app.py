@@ -31,6 +31,8 @@ from dsv4.server.access_log import AccessLogMiddleware
 from dsv4.server.anthropic import MessagesRun, count_tokens, prepare_messages
 from dsv4.server.anthropic_protocol import CountTokensRequest, MessagesRequest, anthropic_error
 from dsv4.server.api_serve import serve_events
+from dsv4.server.responses import ResponsesRun, prepare_responses
+from dsv4.server.responses_protocol import ResponsesRequest, ResponseStore
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
 from dsv4.server.completions import CompletionRun, prepare_completion
 from dsv4.server.errors import install_error_handlers
@@ -158,6 +160,17 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
             err = exc if isinstance(exc, APIError) else APIError.invalid(exc)
             return JSONResponse(anthropic_error(err.status, err.message), status_code=err.status)
         return JSONResponse({"input_tokens": count})
+
+    store = ResponseStore()
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        def start(data: bytes) -> ResponsesRun:
+            req, _ = parse_request(data, ResponsesRequest)
+            return prepare_responses(state, req, store)  # type: ignore[arg-type]
+
+        return await serve_events(state, request, "responses", start, body, openai_shape,
+                                  check_key)
 
     @app.post("/tokenize", dependencies=protected)
     async def tokenize(request: Request) -> dict[str, Any]:
