@@ -31,8 +31,6 @@ from dsv4.server.access_log import AccessLogMiddleware
 from dsv4.server.anthropic import MessagesRun, count_tokens, prepare_messages
 from dsv4.server.anthropic_protocol import CountTokensRequest, MessagesRequest, anthropic_error
 from dsv4.server.api_serve import serve_events
-from dsv4.server.responses import ResponsesRun, prepare_responses
-from dsv4.server.responses_protocol import ResponsesRequest, ResponseStore
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
 from dsv4.server.completions import CompletionRun, prepare_completion
 from dsv4.server.errors import install_error_handlers
@@ -46,6 +44,8 @@ from dsv4.server.protocol import (
     error_body,
     parse_request,
 )
+from dsv4.server.responses import ResponsesRun, prepare_responses
+from dsv4.server.responses_protocol import ResponsesRequest, ResponseStore
 from dsv4.server.state import SSE_DONE, ClientGone, ServerState, sse, until_disconnect
 from dsv4.server.stats_logger import StatsLogger
 from dsv4.server.validation import body_limit, read_body

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from dsv4.server.parsers import CONTENT, REASONING, TOOL_ARGS, TOOL_CALL, ParserEvent
 
-__all__ = ["CALL", "OPEN", "DELTA", "CLOSE", "REASONING_ITEM", "TEXT", "Item", "OutputItems",
+__all__ = ["CALL", "CLOSE", "DELTA", "OPEN", "REASONING_ITEM", "TEXT", "Item", "OutputItems",
            "Step"]
 
 REASONING_ITEM, TEXT, CALL = "reasoning", "text", "call"
