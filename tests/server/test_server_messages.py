@@ -11,9 +11,9 @@ from __future__ import annotations
 import anthropic
 import httpx
 import pytest
-from server_harness import MODEL, ServerHandle
+from server_harness import MODEL, ServerHandle, chat_prompt, thinks
 
-from dsv4.encoding import ASSISTANT, DSML, THINK_OPEN
+from dsv4.encoding import DSML
 
 D = DSML
 KEY = "sk-test"
@@ -49,16 +49,6 @@ def script(srv):
 
     yield set_script
     srv.runner.script = None
-
-
-def thinks(prompt: str) -> bool:
-    return prompt.endswith(ASSISTANT + THINK_OPEN)
-
-
-def chat_prompt(srv, **chat) -> str:
-    """The prompt the chat-completions endpoint renders for the same conversation."""
-    srv.client().chat.completions.create(model=MODEL, max_tokens=1, **chat)
-    return srv.runner.prompts[-1]
 
 
 def test_plain_message_thinks_by_default(srv, client, script):

@@ -11,9 +11,9 @@ import json
 
 import openai
 import pytest
-from server_harness import MODEL, ServerHandle
+from server_harness import MODEL, ServerHandle, chat_prompt, thinks
 
-from dsv4.encoding import ASSISTANT, DSML, THINK_OPEN
+from dsv4.encoding import DSML
 
 D = DSML
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather",
@@ -46,16 +46,6 @@ def script(srv):
 
     yield set_script
     srv.runner.script = None
-
-
-def thinks(prompt: str) -> bool:
-    return prompt.endswith(ASSISTANT + THINK_OPEN)
-
-
-def chat_prompt(srv, **chat) -> str:
-    """The prompt the chat-completions endpoint renders for the same conversation."""
-    srv.client().chat.completions.create(model=MODEL, max_tokens=1, **chat)
-    return srv.runner.prompts[-1]
 
 
 def test_text_with_instructions(srv, client, script):
