@@ -7,7 +7,8 @@ Mapping: ``thinking`` {enabled | adaptive | disabled} -> thinking mode (absent: 
 default); ``output_config.effort`` -> ``reasoning_effort``; ``budget_tokens`` is accepted (V4
 has no separate thinking budget: ``max_tokens`` caps reasoning and answer together);
 ``tool_choice`` auto / any / tool / none -> auto / required / the named function / none;
-``stop_sequences`` -> ``stop``; ``temperature``, ``top_p``, ``top_k`` as in chat. A
+``stop_sequences`` -> ``stop``; ``temperature``, ``top_p``, ``top_k`` as in chat; a final
+assistant turn is a prefill (chat's ``prefix: true``: the answer continues it). A
 ``tool_result``'s ``is_error`` is accepted and not rendered (V4's tool turn has no error flag).
 
 The answer is built from the parser's events: reasoning -> a ``thinking`` block (signed with
@@ -54,6 +55,9 @@ def chat_body(state: ServerState, req: CountTokensRequest | MessagesRequest,
                         {k: raw[k] for k in _LIBRARY_FIELDS if raw.get(k) is not None}, model)
     conversation = converted.conversation
     messages, tools = to_chat(conversation)
+    last = messages[-1] if messages else {}
+    if last.get("role") == "assistant" and not last.get("tool_calls"):
+        last["prefix"] = True  # a final assistant turn is a prefill: the model continues it
     body: dict[str, Any] = {
         "model": model, "messages": messages, "tools": tools or None,
         "tool_choice": _tool_choice(req.tool_choice),

@@ -150,6 +150,25 @@ def test_tool_use_then_tool_result_round_trip(srv, client, script):
         {"role": "tool", "tool_call_id": call.id, "content": "sunny\n\n21C"}])
 
 
+def test_named_tool_is_forced_in_thinking_mode(srv, client, script):
+    script(lambda p: "Weather it is." if thinks(p) else None)
+    r = client.messages.create(model=MODEL, max_tokens=64, tools=[WEATHER],
+                               tool_choice={"type": "tool", "name": "get_weather"},
+                               messages=[{"role": "user", "content": "Paris?"}])
+    assert r.content[0].type == "thinking"
+    assert [b.name for b in r.content if b.type == "tool_use"] == ["get_weather"]
+
+
+def test_final_assistant_turn_is_a_prefill(srv, client, script):
+    script(lambda p: " four." if p.endswith("The answer is") else None)
+    history = [*HI, {"role": "assistant", "content": "The answer is"}]
+    r = client.messages.create(model=MODEL, max_tokens=8, thinking=NO_THINK, messages=history)
+    assert r.content[0].text == " four." and r.stop_reason == "end_turn"
+    assert srv.runner.prompts[-1] == chat_prompt(srv, messages=[
+        *HI, {"role": "assistant", "content": "The answer is", "prefix": True}],
+        extra_body={"thinking": NO_THINK})
+
+
 def test_tool_use_streams_input_json(srv, client, script):
     script(lambda p: CALL if not thinks(p) else None)
     with client.messages.stream(model=MODEL, max_tokens=96, tools=[WEATHER],
