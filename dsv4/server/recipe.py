@@ -9,14 +9,16 @@ rendered by the same encoder (``dsv4.encoding``) and parsed by the same output p
 What the library decides and what dsv4 decides is explicit here (``conversion_options``):
 the served model names are accepted (each mapped to the V4 version, which only selects the
 library's checks: its prompt renderer is not used), a request that names no thinking mode gets
-the server's ``--default-thinking``, web-search tools are rejected (dsv4 has none), and a
-``max_tokens`` larger than the context is left to the engine's check (a 400 naming it).
+the server's ``--default-thinking``, web search (dsv4 has none) is dropped from Responses
+requests (as DeepSeek's API does: agents such as Codex declare it by default) and refused in
+Messages requests (a server tool there), and a ``max_tokens`` larger than the context is left
+to the engine's check (a 400 naming it).
 The library's API-level defaults are not used: effort, temperature and tool_choice come from
 the request as chat completions reads them (the library forces temperature 1.0 in thinking
 mode, adds the maximum-effort prefix by default and refuses a named tool in thinking mode).
 
 Library differences worked around here, each with a test naming it
-(tests/server/test_recipe_parity.py):
+(tests/test_recipe_parity.py, tests/server/test_server_responses.py):
 - Responses ``developer`` items become user turns in 0.2.0; dsv4 gives ``developer`` the
   OpenAI meaning everywhere (system instructions), so they are passed as ``system``.
 """
@@ -43,7 +45,7 @@ def conversion_options(state: ServerState) -> dr.ConversionOptions:
     options = dr.ConversionOptions(
         default_thinking_mode=state.default_thinking,
         reasoning_content_behavior=dr.ReasoningContentBehavior.FillEmpty,
-        responses_web_search=dr.WebSearchBehavior.Reject,
+        responses_web_search=dr.WebSearchBehavior.Drop,
         messages_web_search=dr.WebSearchBehavior.Reject,
         thinking_max_tokens_upper_bound=bound,
         non_thinking_max_tokens_upper_bound=bound,

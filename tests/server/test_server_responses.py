@@ -85,6 +85,17 @@ def test_developer_item_is_system_as_in_chat_completions(srv, client, script):
                        {"role": "user", "content": "Hi"}], reasoning_effort="none")
 
 
+def test_hosted_web_search_is_dropped(srv, client, script):
+    """Agents declare web_search by default; dsv4 has none, so (as DeepSeek's API) it is left
+    out and the rest of the request is served."""
+    script(lambda p: "Ok." if not thinks(p) else None)
+    r = client.responses.create(model=MODEL, input="Hi", tools=[{"type": "web_search"}],
+                                reasoning=OFF, max_output_tokens=8)
+    assert r.output_text == "Ok."
+    assert srv.runner.prompts[-1] == chat_prompt(
+        srv, messages=[{"role": "user", "content": "Hi"}], reasoning_effort="none")
+
+
 def test_forced_function_call(srv, client):
     r = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER],
                                 tool_choice="required", reasoning=OFF, max_output_tokens=48)
