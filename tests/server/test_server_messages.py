@@ -235,6 +235,8 @@ def test_error_shapes(srv, client):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         r = http.post("/v1/messages", content=b"{", headers={"x-api-key": KEY})
         assert r.status_code == 400 and r.json()["type"] == "error"
+        r = http.post("/v1/messages", content=b" " * (9 << 20), headers={"x-api-key": KEY})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
         assert http.get("/health").status_code == 200
 
 
