@@ -28,7 +28,9 @@ from typing import Any
 
 import deepseek_recipe as dr
 
+from dsv4.errors import InvalidRequestError
 from dsv4.output_processor import Delta
+from dsv4.server.api_serve import renamed_fields
 from dsv4.server.anthropic_protocol import (
     CountTokensRequest,
     MessagesRequest,
@@ -43,6 +45,8 @@ from dsv4.server.recipe import convert, to_chat
 from dsv4.server.state import ServerState
 
 __all__ = ["MessagesRun", "chat_body", "count_tokens", "prepare_messages"]
+
+_FIELDS = {"stop": "stop_sequences"}  # chat field -> this API's
 
 _LIBRARY_FIELDS = ("messages", "system", "tools", "thinking")
 
@@ -99,7 +103,10 @@ def prepare_messages(state: ServerState, req: MessagesRequest, raw: dict[str, An
                      ) -> MessagesRun:
     """Validate, convert, render and tokenize; 4xx before any work starts (worker thread)."""
     body = chat_body(state, req, raw)
-    chat = prepare_chat(state, ChatCompletionRequest.model_validate(body), body)
+    try:
+        chat = prepare_chat(state, ChatCompletionRequest.model_validate(body), body)
+    except (APIError, InvalidRequestError) as exc:
+        raise renamed_fields(exc, _FIELDS) from exc
     return MessagesRun(chat, body["model"], req.stream)
 
 

@@ -24,7 +24,7 @@ from dsv4.server.errors import APIError
 from dsv4.server.generation import Generation
 from dsv4.server.state import ClientGone, ServerState, until_disconnect
 
-__all__ = ["ErrorShape", "EventRun", "serve_events"]
+__all__ = ["ErrorShape", "EventRun", "renamed_fields", "serve_events"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,18 @@ class EventRun(Protocol):
     def sse_end(self) -> list[str]: ...
 
     def sse_error(self, status: int, message: str) -> list[str]: ...
+
+
+def renamed_fields(exc: APIError | InvalidRequestError, names: dict[str, str]) -> APIError:
+    """A 4xx raised while serving the chat request of another API, with the chat field names
+    (``max_tokens``, ``stop``) written as that API's (``max_output_tokens``,
+    ``stop_sequences``)."""
+    err = exc if isinstance(exc, APIError) else APIError.invalid(exc)
+    if err.param in names:
+        new = names[err.param]
+        return APIError(err.status, err.message.replace(err.param, new), new, err.code,
+                        err.type)
+    return err
 
 
 async def serve_events(state: ServerState, request: Request, endpoint: str,

@@ -26,7 +26,9 @@ from typing import Any
 
 import deepseek_recipe as dr
 
+from dsv4.errors import InvalidRequestError
 from dsv4.output_processor import Delta
+from dsv4.server.api_serve import renamed_fields
 from dsv4.server.chat import ChatRun, prepare_chat
 from dsv4.server.errors import APIError
 from dsv4.server.output_items import CALL, DELTA, OPEN, REASONING_ITEM, OutputItems, Step
@@ -40,6 +42,8 @@ from dsv4.server.responses_protocol import (
 from dsv4.server.state import ServerState
 
 __all__ = ["ResponsesRun", "chat_body", "prepare_responses"]
+
+_FIELDS = {"max_tokens": "max_output_tokens"}  # chat field -> this API's
 
 
 def _hex() -> str:
@@ -88,7 +92,10 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, store: Response
     """Validate, convert, render and tokenize; 4xx before any work starts (worker thread)."""
     items = input_items(req, store)
     body = chat_body(state, req, items)
-    chat = prepare_chat(state, ChatCompletionRequest.model_validate(body), body)
+    try:
+        chat = prepare_chat(state, ChatCompletionRequest.model_validate(body), body)
+    except (APIError, InvalidRequestError) as exc:
+        raise renamed_fields(exc, _FIELDS) from exc
     return ResponsesRun(chat, body["model"], req, items, store)
 
 

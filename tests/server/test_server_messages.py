@@ -221,6 +221,10 @@ def test_error_shapes(srv, client):
     assert err.status_code == 400
     err = _error(create(extra_body={"no_such_field": 1}))
     assert err.status_code == 400 and "no_such_field" in err.body["error"]["message"]
+    err = _error(create(stop_sequences=["s"] * 40))  # named as this API names it
+    assert err.status_code == 400 and "stop_sequences holds 40" in err.body["error"]["message"]
+    err = _error(create(max_tokens=1 << 20))
+    assert "max_tokens" in err.body["error"]["message"]
     err = _error(create(model="not-served"))
     assert err.status_code == 404 and err.body["error"]["type"] == "not_found_error"
     bad = anthropic.Anthropic(base_url=srv.url, api_key="wrong", max_retries=0)

@@ -182,6 +182,10 @@ def test_incomplete_and_errors(srv, client, script):
             "type": "json_schema", "name": "x", "schema": {"type": "object"}}})
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="not-served", input="Hi")
+    with pytest.raises(openai.BadRequestError) as info:  # named as this API names it
+        client.responses.create(model=MODEL, input="Hi", max_output_tokens=1 << 20)
+    assert info.value.body["param"] == "max_output_tokens"
+    assert "max_output_tokens" in info.value.body["message"]
     stored = client.responses.create(model=MODEL, input="Hi", reasoning=OFF, store=False,
                                      max_output_tokens=2)
     with pytest.raises(openai.NotFoundError):  # store=False keeps nothing
