@@ -30,13 +30,13 @@ import deepseek_recipe as dr
 
 from dsv4.errors import InvalidRequestError
 from dsv4.output_processor import Delta
-from dsv4.server.api_serve import renamed_fields
 from dsv4.server.anthropic_protocol import (
     CountTokensRequest,
     MessagesRequest,
     anthropic_error,
     event,
 )
+from dsv4.server.api_serve import renamed_fields
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
 from dsv4.server.errors import APIError
 from dsv4.server.output_items import CALL, DELTA, OPEN, REASONING_ITEM, OutputItems, Step
