@@ -88,6 +88,24 @@ def test_thinking_enabled_with_budget_and_effort(srv, client, script):
     assert srv.runner.prompts[-1] != chat_prompt(srv, messages=HI)
 
 
+def test_agent_shaped_request_is_accepted(srv, client, script):
+    """What coding agents send: cache_control on system, message and tool blocks, a JSON
+    Schema with $schema, metadata, temperature 1 (cache_control has no effect yet)."""
+    script(lambda p: "Listing.</think>Done." if thinks(p) else None)
+    ephemeral = {"type": "ephemeral"}
+    bash = {"name": "Bash", "description": "Run a command", "cache_control": ephemeral,
+            "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#",
+                             "type": "object", "additionalProperties": False,
+                             "properties": {"command": {"type": "string"}},
+                             "required": ["command"]}}
+    r = client.messages.create(
+        model=MODEL, max_tokens=64, temperature=1, metadata={"user_id": "u1"}, tools=[bash],
+        system=[{"type": "text", "text": "You are an agent.", "cache_control": ephemeral}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "ls",
+                                                "cache_control": ephemeral}]}])
+    assert [b.type for b in r.content] == ["thinking", "text"] and r.content[1].text == "Done."
+
+
 def test_stream_helper_collects_the_message(srv, client, script):
     script(lambda p: "Let me see.</think>Hello there, friend!" if thinks(p) else None)
     with client.messages.stream(model=MODEL, max_tokens=32, messages=HI) as stream:
