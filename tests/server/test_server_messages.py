@@ -99,7 +99,8 @@ def test_agent_shaped_request_is_accepted(srv, client, script):
                              "properties": {"command": {"type": "string"}},
                              "required": ["command"]}}
     r = client.messages.create(
-        model=MODEL, max_tokens=64, temperature=1, metadata={"user_id": "u1"}, tools=[bash],
+        model=MODEL, max_tokens=64, metadata={"user_id": "u1"}, tools=[bash],
+        extra_body={"temperature": 1},
         system=[{"type": "text", "text": "You are an agent.", "cache_control": ephemeral}],
         messages=[{"role": "user", "content": [{"type": "text", "text": "ls",
                                                 "cache_control": ephemeral}]}])
