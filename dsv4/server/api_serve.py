@@ -1,10 +1,12 @@
-"""Serving one Messages or Responses request: admission, the answer or its event stream, errors.
+"""Serving one generation request of any API: admission, the answer or its event stream, errors.
 
-The same contract as chat completions (``dsv4.server.app``): the request is parsed, rendered
-and tokenized in a worker thread and admitted before a 200 is sent; a client that goes away is
-cancelled; one failing request is answered in its API's error shape and never affects others;
-at shutdown an open stream ends with an error event. Each API's run supplies its events
-(``EventRun``) and its error shape.
+The request is parsed, rendered and tokenized in a worker thread and admitted (engine
+validation included) before a 200 is sent; a client that goes away mid-request is cancelled,
+which aborts its engine requests and frees their cache; one failing request is answered in its
+API's error shape (a logged 500 for anything unexpected) and never affects the others; at
+shutdown an open stream ends with an error event. Each API's run supplies its answer and events
+(``EventRun``: chat completions and completions through ``OpenAIEvents``, Messages and
+Responses directly) and the app its error shape.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from dsv4.errors import InvalidRequestError
 from dsv4.output_processor import Delta
 from dsv4.server.errors import APIError
 from dsv4.server.generation import Generation
-from dsv4.server.state import ClientGone, ServerState, until_disconnect
+from dsv4.server.state import SSE_DONE, ClientGone, ServerState, sse, until_disconnect
 
-__all__ = ["ErrorShape", "EventRun", "renamed_fields", "serve_events"]
+__all__ = ["ErrorShape", "EventRun", "OpenAIEvents", "openai_error", "renamed_fields",
+           "serve_events"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,37 @@ class EventRun(Protocol):
     def sse_end(self) -> list[str]: ...
 
     def sse_error(self, status: int, message: str) -> list[str]: ...
+
+
+def openai_error(status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> dict[str, Any]:
+    return APIError(status, message, param, code).body()
+
+
+class OpenAIEvents:
+    """A chat-completions or completions run as an ``EventRun``: OpenAI's SSE chunks, the usage
+    chunk when ``stream_options.include_usage`` asks for it, and ``data: [DONE]``."""
+
+    def __init__(self, run: Any) -> None:  # ChatRun | CompletionRun
+        self.run, self.gen, self.streaming = run, run.gen, run.req.stream
+
+    async def collect(self, stream: AsyncIterator[Delta]) -> dict[str, Any]:
+        return (await self.run.collect(stream)).dump()
+
+    def sse_start(self) -> list[str]:
+        return [sse(payload) for payload in self.run.first_chunks()]
+
+    def sse(self, delta: Delta) -> list[str]:
+        return [sse(payload) for payload in self.run.chunks(delta)]
+
+    def sse_end(self) -> list[str]:
+        options = self.run.req.stream_options
+        usage = [sse(self.run.usage_chunk())] if options and options.include_usage else []
+        return [*usage, SSE_DONE]
+
+    def sse_error(self, status: int, message: str) -> list[str]:
+        code = "engine_unavailable" if status == 503 else None
+        return [sse(openai_error(status, message, code=code)), SSE_DONE]
 
 
 def renamed_fields(exc: APIError | InvalidRequestError, names: dict[str, str]) -> APIError:
