@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from dsv4.async_llm import AsyncLLM
 from dsv4.errors import InvalidRequestError
 from dsv4.server.access_log import AccessLogMiddleware
-from dsv4.server.anthropic import MessagesRun, count_tokens, prepare_messages
+from dsv4.server.anthropic import count_tokens, prepare_messages
 from dsv4.server.anthropic_protocol import CountTokensRequest, MessagesRequest, anthropic_error
-from dsv4.server.api_serve import OpenAIEvents, openai_error, serve_events
+from dsv4.server.api_serve import ErrorShape, EventRun, OpenAIEvents, openai_error, serve_events
 from dsv4.server.chat import prepare_chat, render_chat_prompt
 from dsv4.server.completions import prepare_completion
 from dsv4.server.errors import install_error_handlers
@@ -42,7 +44,7 @@ from dsv4.server.protocol import (
     TokenizeRequest,
     parse_request,
 )
-from dsv4.server.responses import ResponsesRun, prepare_responses
+from dsv4.server.responses import prepare_responses
 from dsv4.server.responses_protocol import ResponsesRequest, ResponseStore
 from dsv4.server.state import ServerState
 from dsv4.server.stats_logger import StatsLogger
@@ -113,34 +115,32 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
                  "max_model_len": state.max_model_len} for name in state.model_names]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        def start(body: bytes) -> OpenAIEvents:
-            req, raw = parse_request(body, ChatCompletionRequest)
-            return OpenAIEvents(prepare_chat(state, req, raw))  # type: ignore[arg-type]
+    def generation(path: str, endpoint: str, model: type[BaseModel],
+                   prepare: Callable[[Any, dict[str, Any]], EventRun],
+                   shape: ErrorShape) -> None:
+        """Route ``path``: parse the body as ``model``, ``prepare`` the run (worker thread),
+        serve it (``serve_events``) with errors in ``shape``."""
+        async def handler(request: Request) -> Response:
+            def start(data: bytes) -> EventRun:
+                req, raw = parse_request(data, model)
+                return prepare(req, raw)
 
-        return await serve_events(state, request, "chat", start, body, openai_error, check_key)
+            return await serve_events(state, request, endpoint, start, body, shape, check_key)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        def start(body: bytes) -> OpenAIEvents:
-            req, _ = parse_request(body, CompletionRequest)
-            return OpenAIEvents(prepare_completion(state, req))  # type: ignore[arg-type]
-
-        return await serve_events(state, request, "completions", start, body, openai_error,
-                                  check_key)
+        app.post(path)(handler)
 
     def anthropic_shape(status: int, message: str, *_: Any) -> dict[str, Any]:
         return anthropic_error(status, message)
 
-    @app.post("/v1/messages")
-    async def messages(request: Request) -> Response:
-        def start(data: bytes) -> MessagesRun:
-            req, raw = parse_request(data, MessagesRequest)
-            return prepare_messages(state, req, raw)  # type: ignore[arg-type]
-
-        return await serve_events(state, request, "messages", start, body, anthropic_shape,
-                                  check_key)
+    store = ResponseStore()
+    generation("/v1/chat/completions", "chat", ChatCompletionRequest,
+               lambda req, raw: OpenAIEvents(prepare_chat(state, req, raw)), openai_error)
+    generation("/v1/completions", "completions", CompletionRequest,
+               lambda req, _: OpenAIEvents(prepare_completion(state, req)), openai_error)
+    generation("/v1/messages", "messages", MessagesRequest,
+               lambda req, raw: prepare_messages(state, req, raw), anthropic_shape)
+    generation("/v1/responses", "responses", ResponsesRequest,
+               lambda req, _: prepare_responses(state, req, store), openai_error)
 
     @app.post("/v1/messages/count_tokens")
     async def messages_count_tokens(request: Request) -> Response:
@@ -152,17 +152,6 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
             err = exc if isinstance(exc, APIError) else APIError.invalid(exc)
             return JSONResponse(anthropic_error(err.status, err.message), status_code=err.status)
         return JSONResponse({"input_tokens": count})
-
-    store = ResponseStore()
-
-    @app.post("/v1/responses")
-    async def responses(request: Request) -> Response:
-        def start(data: bytes) -> ResponsesRun:
-            req, _ = parse_request(data, ResponsesRequest)
-            return prepare_responses(state, req, store)  # type: ignore[arg-type]
-
-        return await serve_events(state, request, "responses", start, body, openai_error,
-                                  check_key)
 
     @app.post("/tokenize", dependencies=protected)
     async def tokenize(request: Request) -> dict[str, Any]:
