@@ -164,6 +164,18 @@ def test_stream_function_call_arguments(srv, client, script):
     assert len(done) == 1 and json.loads(done[0].arguments) == {"city": "Paris"}
 
 
+def test_sdk_stream_helper_accumulates_every_item(srv, client, script):
+    script(lambda p: "Think.</think>Hello!" + CALL if thinks(p) else None)
+    with client.responses.stream(model=MODEL, input="Hi", tools=[WEATHER],
+                                 max_output_tokens=96) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_response()
+    assert [o.type for o in final.output] == ["reasoning", "message", "function_call"]
+    assert final.output_text == "Hello!" and final.status == "completed"
+    assert json.loads(final.output[-1].arguments) == {"city": "Paris"}
+
+
 def test_incomplete_and_errors(srv, client, script):
     script(lambda p: "one two three four five six" if not thinks(p) else None)
     r = client.responses.create(model=MODEL, input="Hi", reasoning=OFF, max_output_tokens=2)
