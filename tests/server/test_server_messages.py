@@ -8,6 +8,8 @@ prompt is compared byte for byte with the chat-completions rendering of the same
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import pytest
@@ -269,3 +271,29 @@ def test_bearer_token_also_authenticates(srv, script):
     r = c.messages.create(model=MODEL, max_tokens=8, thinking=NO_THINK, messages=HI)
     assert r.content[0].text == "Ok."
     assert srv.wait_idle()
+
+
+def test_shutdown_ends_messages_and_responses_streams_with_their_error_event(tmp_path):
+    handle = ServerHandle(tmp_path)
+    try:
+        handle.runner.script = lambda prompt: None  # real sampling: long outputs
+        with handle.http() as http, \
+                http.stream("POST", "/v1/messages", json={
+                    "model": MODEL, "max_tokens": 1000, "messages": HI, "stream": True,
+                    "thinking": NO_THINK}) as claude, \
+                http.stream("POST", "/v1/responses", json={
+                    "model": MODEL, "max_output_tokens": 1000, "input": "Hi", "stream": True,
+                    "reasoning": {"effort": "none"}}) as responses:
+            claude_lines, responses_lines = claude.iter_lines(), responses.iter_lines()
+            next(claude_lines), next(responses_lines)
+            handle.llm.begin_shutdown()
+            claude_rest = [line for line in claude_lines if line.startswith(("event:", "data:"))]
+            responses_rest = [line for line in responses_lines if line.startswith("data:")]
+        assert claude_rest[-2] == "event: error"
+        error = json.loads(claude_rest[-1][len("data:"):])
+        assert error["type"] == "error" and error["error"]["type"] == "overloaded_error"
+        assert "shutting down" in error["error"]["message"]
+        last = json.loads(responses_rest[-1][len("data:"):])
+        assert last["type"] == "error" and "shutting down" in last["message"]
+    finally:
+        handle.stop()
