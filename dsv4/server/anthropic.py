@@ -35,6 +35,7 @@ from dsv4.server.anthropic_protocol import (
     MessagesRequest,
     anthropic_error,
     event,
+    reject_unsupported_messages,
 )
 from dsv4.server.api_serve import renamed_fields
 from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
@@ -54,6 +55,7 @@ _LIBRARY_FIELDS = ("messages", "system", "tools", "thinking")
 def chat_body(state: ServerState, req: CountTokensRequest | MessagesRequest,
               raw: dict[str, Any]) -> dict[str, Any]:
     """The chat-completions body of the same conversation and settings."""
+    reject_unsupported_messages(req)
     model = state.check_model(req.model)
     converted = convert(state, dr.MessagesRequest,
                         {k: raw[k] for k in _LIBRARY_FIELDS if raw.get(k) is not None}, model)

@@ -1,9 +1,11 @@
 """Anthropic Messages API: request models, Anthropic's error shape and the SSE event format.
 
 Requests forbid unknown fields (a 400 naming the field), as the rest of the server does;
-``metadata`` and ``service_tier`` are accepted with no effect. Errors are
-``{"type": "error", "error": {"type": ..., "message": ...}}`` with Anthropic's type for each
-status. Stream events are ``event: <type>`` + ``data: <json>`` pairs.
+``metadata``, ``service_tier``, ``cache_control``, ``speed``, ``inference_geo``,
+``user_profile_id`` and ``workspace_id`` are accepted with no effect; a structured-output
+format (``output_config.format``, ``output_format``) is refused until dsv4 constrains output.
+Errors are ``{"type": "error", "error": {"type": ..., "message": ...}}`` with Anthropic's type
+for each status. Stream events are ``event: <type>`` + ``data: <json>`` pairs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["CountTokensRequest", "MessagesRequest", "anthropic_error", "event"]
+from dsv4.server.errors import APIError
+
+__all__ = ["CountTokensRequest", "MessagesRequest", "anthropic_error", "event",
+           "reject_unsupported_messages"]
 
 # HTTP status -> Anthropic error type (https://docs.anthropic.com/en/api/errors)
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
@@ -32,6 +37,12 @@ class _MessagesFields(BaseModel):
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None  # {"effort": "low" | "medium" | "high" | "max"}
+    # accepted, no effect (prompt caching, routing and account fields of Anthropic's API)
+    cache_control: dict[str, Any] | None = None
+    speed: str | None = None
+    inference_geo: str | None = None
+    user_profile_id: str | None = None
+    workspace_id: str | None = None
 
 
 class MessagesRequest(_MessagesFields):
@@ -47,7 +58,16 @@ class MessagesRequest(_MessagesFields):
 
 
 class CountTokensRequest(_MessagesFields):
-    pass
+    output_format: dict[str, Any] | None = None  # refused when set (structured output)
+
+
+def reject_unsupported_messages(req: _MessagesFields) -> None:
+    config = req.output_config or {}
+    unknown = sorted(set(config) - {"effort"})
+    if unknown or getattr(req, "output_format", None) is not None:
+        field = f"output_config.{unknown[0]}" if unknown else "output_format"
+        raise APIError(400, f"{field} is not supported (only output_config.effort)",
+                       param=field)
 
 
 def anthropic_error(status: int, message: str) -> dict[str, Any]:

@@ -102,6 +102,7 @@ def test_agent_shaped_request_is_accepted(srv, client, script):
                              "required": ["command"]}}
     r = client.messages.create(
         model=MODEL, max_tokens=64, metadata={"user_id": "u1"}, tools=[bash],
+        cache_control=ephemeral,
         extra_body={"temperature": 1},
         system=[{"type": "text", "text": "You are an agent.", "cache_control": ephemeral}],
         messages=[{"role": "user", "content": [{"type": "text", "text": "ls",
@@ -246,6 +247,8 @@ def test_error_shapes(srv, client):
     assert err.status_code == 400 and "stop_sequences holds 40" in err.body["error"]["message"]
     err = _error(create(max_tokens=1 << 20))
     assert "max_tokens" in err.body["error"]["message"]
+    err = _error(create(output_config={"format": {"type": "json_schema", "schema": {}}}))
+    assert err.status_code == 400 and "output_config.format" in err.body["error"]["message"]
     err = _error(create(model="not-served"))
     assert err.status_code == 404 and err.body["error"]["type"] == "not_found_error"
     bad = anthropic.Anthropic(base_url=srv.url, api_key="wrong", max_retries=0)
