@@ -102,8 +102,7 @@ def test_agent_shaped_request_is_accepted(srv, client, script):
                              "required": ["command"]}}
     r = client.messages.create(
         model=MODEL, max_tokens=64, metadata={"user_id": "u1"}, tools=[bash],
-        cache_control=ephemeral,
-        extra_body={"temperature": 1},
+        extra_body={"temperature": 1, "cache_control": ephemeral},
         system=[{"type": "text", "text": "You are an agent.", "cache_control": ephemeral}],
         messages=[{"role": "user", "content": [{"type": "text", "text": "ls",
                                                 "cache_control": ephemeral}]}])
