@@ -1,35 +1,39 @@
-"""FastAPI app factory: OpenAI-compatible endpoints over one AsyncLLM.
+"""FastAPI app factory: OpenAI- and Anthropic-compatible endpoints over one AsyncLLM.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-GET /metrics (Prometheus), POST /tokenize, POST /detokenize. With an API key, every route but
-/health and /metrics needs ``Authorization: Bearer KEY``. Every error is OpenAI-shaped (see
-``dsv4.server.errors``); request bodies are read up to a size limit and parsed (malformed JSON is
-a 400, never a crash; limits and chat rules: ``dsv4.server.validation``). A streaming request is
-admitted (engine validation included) before its 200 is sent; a client that goes away
-mid-request is cancelled, which aborts its engine requests and frees their cache. One failing
-request is answered with a 500 and never affects the others. Parsing, rendering and tokenizing
-a request run in a worker thread, so a long prompt never stalls other streams or /health. At
-shutdown, open streams end with an error event and ``[DONE]``, and waiting non-streaming
-requests get a 503. Each request is logged on dsv4.access (AccessLogMiddleware) and the
-engine's load on dsv4.stats while busy (StatsLogger).
+Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (OpenAI Responses),
+POST /v1/messages and /v1/messages/count_tokens (Anthropic Messages), GET /v1/models,
+GET /health, GET /metrics (Prometheus), POST /tokenize, POST /detokenize. With an API key, every
+route but /health and /metrics needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
+Errors are OpenAI-shaped (see ``dsv4.server.errors``), Anthropic-shaped on the Messages routes;
+request bodies are read up to a size limit and parsed (malformed JSON is a 400, never a crash;
+limits and chat rules: ``dsv4.server.validation``). Generation requests of every API are served
+by ``dsv4.server.api_serve.serve_events``: admitted (engine validation included) before the
+200, cancelled when the client goes away, a 500 for one failing request that never affects
+the others, open streams ended with an error event at shutdown and waiting non-streaming
+requests answered with a 503. Parsing, rendering and tokenizing a request run in a worker
+thread, so a long prompt never stalls other streams or /health. Each request is logged on
+dsv4.access (AccessLogMiddleware) and the engine's load on dsv4.stats while busy
+(StatsLogger).
 """
-
 from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
-from dsv4.async_llm import AsyncLLM, EngineDeadError
+from dsv4.async_llm import AsyncLLM
 from dsv4.errors import InvalidRequestError
 from dsv4.server.access_log import AccessLogMiddleware
-from dsv4.server.chat import ChatRun, prepare_chat, render_chat_prompt
-from dsv4.server.completions import CompletionRun, prepare_completion
+from dsv4.server.anthropic import count_tokens, prepare_messages
+from dsv4.server.anthropic_protocol import CountTokensRequest, MessagesRequest, anthropic_error
+from dsv4.server.api_serve import ErrorShape, EventRun, OpenAIEvents, openai_error, serve_events
+from dsv4.server.chat import prepare_chat, render_chat_prompt
+from dsv4.server.completions import prepare_completion
 from dsv4.server.errors import install_error_handlers
 from dsv4.server.metrics import CONTENT_TYPE_LATEST
 from dsv4.server.protocol import (
@@ -38,18 +42,16 @@ from dsv4.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
-    error_body,
     parse_request,
 )
-from dsv4.server.state import SSE_DONE, ClientGone, ServerState, sse, until_disconnect
+from dsv4.server.responses import prepare_responses
+from dsv4.server.responses_protocol import ResponsesRequest, ResponseStore
+from dsv4.server.state import ServerState
 from dsv4.server.stats_logger import StatsLogger
 from dsv4.server.validation import body_limit, read_body
 from dsv4.tokenizer import Tokenizer
 
 __all__ = ["build_app"]
-
-logger = logging.getLogger(__name__)
-
 
 def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[str], *,
               api_key: str | None = None, effort_profile: str = "preview",
@@ -79,16 +81,21 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
     async def body(request: Request) -> bytes:
         return await read_body(request, max_body)
 
-    async def auth(request: Request) -> None:
+    def check_key(request: Request) -> None:
+        """``Authorization: Bearer KEY`` (OpenAI) or ``x-api-key: KEY`` (Anthropic)."""
         if state.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 state.api_key.encode()):
-            what = "Missing" if not header else "Incorrect"
-            raise APIError(401, f"{what} API key (send Authorization: Bearer KEY)",
-                           code="invalid_api_key")
+        if scheme.lower() != "bearer":
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+            what = "Missing" if not token else "Incorrect"
+            raise APIError(401, f"{what} API key (send Authorization: Bearer KEY or "
+                           "x-api-key: KEY)", code="invalid_api_key")
+
+    async def auth(request: Request) -> None:
+        check_key(request)
 
     protected = [Depends(auth)]
 
@@ -108,21 +115,43 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
                  "max_model_len": state.max_model_len} for name in state.model_names]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", dependencies=protected)
-    async def chat_completions(request: Request) -> Response:
-        def start(body: bytes) -> ChatRun:
-            req, raw = parse_request(body, ChatCompletionRequest)
-            return prepare_chat(state, req, raw)  # type: ignore[arg-type]
+    def generation(path: str, endpoint: str, model: type[BaseModel],
+                   prepare: Callable[[Any, dict[str, Any]], EventRun],
+                   shape: ErrorShape) -> None:
+        """Route ``path``: parse the body as ``model``, ``prepare`` the run (worker thread),
+        serve it (``serve_events``) with errors in ``shape``."""
+        async def handler(request: Request) -> Response:
+            def start(data: bytes) -> EventRun:
+                req, raw = parse_request(data, model)
+                return prepare(req, raw)
 
-        return await _serve(state, request, "chat", start, body)
+            return await serve_events(state, request, endpoint, start, body, shape, check_key)
 
-    @app.post("/v1/completions", dependencies=protected)
-    async def completions(request: Request) -> Response:
-        def start(body: bytes) -> CompletionRun:
-            req, _ = parse_request(body, CompletionRequest)
-            return prepare_completion(state, req)  # type: ignore[arg-type]
+        app.post(path)(handler)
 
-        return await _serve(state, request, "completions", start, body)
+    def anthropic_shape(status: int, message: str, *_: Any) -> dict[str, Any]:
+        return anthropic_error(status, message)
+
+    store = ResponseStore()
+    generation("/v1/chat/completions", "chat", ChatCompletionRequest,
+               lambda req, raw: OpenAIEvents(prepare_chat(state, req, raw)), openai_error)
+    generation("/v1/completions", "completions", CompletionRequest,
+               lambda req, _: OpenAIEvents(prepare_completion(state, req)), openai_error)
+    generation("/v1/messages", "messages", MessagesRequest,
+               lambda req, raw: prepare_messages(state, req, raw), anthropic_shape)
+    generation("/v1/responses", "responses", ResponsesRequest,
+               lambda req, _: prepare_responses(state, req, store), openai_error)
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(request: Request) -> Response:
+        try:
+            check_key(request)
+            req, raw = parse_request(await body(request), CountTokensRequest)
+            count = await asyncio.to_thread(count_tokens, state, req, raw)  # type: ignore[arg-type]
+        except (APIError, InvalidRequestError) as exc:
+            err = exc if isinstance(exc, APIError) else APIError.invalid(exc)
+            return JSONResponse(anthropic_error(err.status, err.message), status_code=err.status)
+        return JSONResponse({"input_tokens": count})
 
     @app.post("/tokenize", dependencies=protected)
     async def tokenize(request: Request) -> dict[str, Any]:
@@ -156,86 +185,3 @@ def build_app(async_llm: AsyncLLM, tokenizer: Tokenizer, model_name: str | list[
         return await asyncio.to_thread(work, await body(request))
 
     return app
-
-
-Run = ChatRun | CompletionRun
-
-
-async def _serve(state: ServerState, request: Request, endpoint: str,
-                 start: Callable[[bytes], Run],
-                 read: Callable[[Request], Awaitable[bytes]]) -> Response:
-    """Admit, run and answer one generation request, recording its outcome. ``start`` parses,
-    renders and tokenizes the body; it runs in a worker thread."""
-    metrics = state.metrics
-    try:
-        run = await asyncio.to_thread(start, await read(request))
-        request.state.stats = run.gen.stats  # the access log reports its token counts
-        stream = run.gen.stream()
-        if run.req.stream:
-            first = await until_disconnect(request, _first(stream))
-            return StreamingResponse(_sse(state, endpoint, run, stream, first),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        response = await until_disconnect(request, run.collect(stream))
-    except APIError as exc:
-        metrics.outcome(endpoint, "rejected" if exc.status < 500 else "error")
-        return JSONResponse(exc.body(), status_code=exc.status)
-    except InvalidRequestError as exc:
-        metrics.outcome(endpoint, "rejected")
-        return JSONResponse(APIError.invalid(exc).body(), status_code=400)
-    except ClientGone:
-        metrics.outcome(endpoint, "aborted")
-        return Response(status_code=499)
-    except EngineDeadError as exc:
-        metrics.outcome(endpoint, "error")
-        return JSONResponse(error_body(str(exc), "server_error", code="engine_unavailable"),
-                            status_code=503)
-    except Exception as exc:  # noqa: BLE001 - one bad request must not take the server down
-        logger.exception("%s request failed", endpoint)
-        metrics.outcome(endpoint, "error")
-        return JSONResponse(error_body(f"internal error: {exc}", "server_error"),
-                            status_code=500)
-    metrics.outcome(endpoint, "success")
-    run.gen.stats.done()  # type: ignore[union-attr]
-    return JSONResponse(response.dump())
-
-
-async def _first(stream: AsyncIterator[Any]) -> Any:
-    """The first delta, so an engine rejection is still a 400 (nothing has been sent)."""
-    try:
-        return await stream.__anext__()
-    except BaseException:
-        await stream.aclose()  # type: ignore[attr-defined]
-        raise
-
-
-async def _sse(state: ServerState, endpoint: str, run: Run, stream: AsyncIterator[Any],
-               first: Any) -> AsyncIterator[str]:
-    outcome = "aborted"
-    include_usage = bool(run.req.stream_options and run.req.stream_options.include_usage)
-    try:
-        for payload in run.first_chunks():
-            yield sse(payload)
-        delta = first
-        while delta is not None:
-            for payload in run.chunks(delta):
-                yield sse(payload)
-            delta = await anext(stream, None)
-        if include_usage:
-            yield sse(run.usage_chunk())
-        yield SSE_DONE
-        outcome = "success"
-        run.gen.stats.done()  # type: ignore[union-attr]
-    except EngineDeadError as exc:  # shutdown: end the stream cleanly, no traceback
-        logger.info("%s stream ended: %s", endpoint, exc)
-        outcome = "error"
-        yield sse(error_body(str(exc), "server_error", code="engine_unavailable"))
-        yield SSE_DONE
-    except Exception as exc:  # noqa: BLE001 - reported in-stream; the server carries on
-        logger.exception("%s stream failed", endpoint)
-        outcome = "error"
-        yield sse(error_body(f"internal error: {exc}", "server_error"))
-        yield SSE_DONE
-    finally:
-        state.metrics.outcome(endpoint, outcome)
-        await stream.aclose()  # type: ignore[attr-defined]

@@ -139,6 +139,11 @@ class ChatRun:
             c.finish_reason = reason
         return events, lps
 
+    def events(self, delta: Delta) -> list[ParserEvent]:
+        """The output parser's events for one delta (the Messages and Responses APIs build
+        their own output from these; the choice's ``finish_reason`` is set on the last one)."""
+        return self._consume(delta)[0]
+
     def _logprobs(self, lps: list[TokenLogprobs]) -> list[TokenLogprob]:
         text = self.state.token_text
         out = []

@@ -21,6 +21,7 @@ import uvicorn
 
 from dsv4.async_llm import AsyncLLM
 from dsv4.demo import DEMO_CONFIG
+from dsv4.encoding import ASSISTANT, THINK_OPEN
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine_args import EngineArgs
 from dsv4.model.writer import write_checkpoint
@@ -133,3 +134,14 @@ class ServerHandle:
         self.server.should_exit = True
         self.thread.join(10)
         self.llm.shutdown()
+
+
+def thinks(prompt: str) -> bool:
+    """Whether a rendered prompt opened a thinking block (the model reasons first)."""
+    return prompt.endswith(ASSISTANT + THINK_OPEN)
+
+
+def chat_prompt(srv: ServerHandle, **chat: Any) -> str:
+    """The prompt /v1/chat/completions renders for ``chat`` (a one-token request)."""
+    srv.client().chat.completions.create(model=MODEL, max_tokens=1, **chat)
+    return srv.runner.prompts[-1]

@@ -8,6 +8,7 @@ mode wins over either default. The flag itself is checked from the command line 
 
 from __future__ import annotations
 
+import anthropic
 import pytest
 from server_harness import MODEL, ServerHandle, checkpoint
 
@@ -60,6 +61,28 @@ def test_request_without_a_mode_gets_the_server_default(srv):
     rendered = srv.http().post("/tokenize", json={"messages": MESSAGES}).json()["prompt"]
     assert rendered == encode_messages(MESSAGES, "thinking" if default_on else "chat")
     assert srv.wait_idle()
+
+
+def test_messages_and_responses_get_the_server_default(srv):
+    """The default reaches deepseek-recipe's conversion (ConversionOptions) and the renderer
+    alike: a Messages or Responses request that names no mode is rendered in it."""
+    default_on = srv.app.state.dsv4.default_thinking
+    want = encode_messages(MESSAGES, "thinking" if default_on else "chat")
+    claude = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0)
+    blocks = claude.messages.create(model=MODEL, max_tokens=32, messages=MESSAGES).content
+    assert srv.runner.prompts[-1] == want
+    assert [b.type for b in blocks] == (["thinking", "text"] if default_on else ["text"])
+    r = srv.client().responses.create(model=MODEL, input=MESSAGES[0]["content"],
+                                      max_output_tokens=32)
+    assert srv.runner.prompts[-1] == want and r.output_text == "4"
+    # a named mode wins on both
+    claude.messages.create(model=MODEL, max_tokens=32, messages=MESSAGES,
+                           thinking={"type": "disabled" if default_on else "enabled",
+                                     "budget_tokens": 1024})
+    srv.client().responses.create(model=MODEL, input=MESSAGES, max_output_tokens=32,
+                                  reasoning={"effort": "none" if default_on else "high"})
+    flipped = encode_messages(MESSAGES, "chat" if default_on else "thinking")
+    assert srv.runner.prompts[-2] == srv.runner.prompts[-1] == flipped
 
 
 @pytest.mark.parametrize("spelling", THINKING_SPELLINGS + CHAT_SPELLINGS,
