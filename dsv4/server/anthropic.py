@@ -170,9 +170,10 @@ class MessagesRun:
 
     def usage(self) -> dict[str, int]:
         u = self.chat.usage()
-        return {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": u.prompt_tokens_details.cached_tokens}
+        cached = u.prompt_tokens_details.cached_tokens
+        # Anthropic counts the prompt in parts: input_tokens are those not read from the cache
+        return {"input_tokens": u.prompt_tokens - cached, "output_tokens": u.completion_tokens,
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
     def message(self, content: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,

@@ -217,7 +217,8 @@ def test_count_tokens_is_the_rendered_prompt_length(srv, client, script):
               messages=[{"role": "user", "content": "Weather in Paris?"}])
     counted = client.messages.count_tokens(**kw).input_tokens
     r = client.messages.create(max_tokens=8, **kw)
-    assert counted == r.usage.input_tokens == len(srv.tokenizer.encode(srv.runner.prompts[-1]))
+    total = r.usage.input_tokens + r.usage.cache_read_input_tokens  # cached ones are apart
+    assert counted == total == len(srv.tokenizer.encode(srv.runner.prompts[-1]))
 
 
 def _error(call) -> anthropic.APIStatusError:
@@ -299,3 +300,17 @@ def test_shutdown_ends_messages_and_responses_streams_with_their_error_event(tmp
         assert last["type"] == "error" and "shutting down" in last["message"]
     finally:
         handle.stop()
+
+
+def test_a_repeated_prefix_is_read_from_the_cache(srv, client, script):
+    """Anthropic counts a prompt in parts: cache_read_input_tokens come from the prefix cache,
+    input_tokens are the rest."""
+    script(lambda p: "Noted.</think>Ok." if "Rule 59" in p else None)
+    system = " ".join(f"Rule {i}: answer in one short sentence." for i in range(60))
+    kw = dict(model=MODEL, max_tokens=16, system=system, messages=HI)
+    first = client.messages.create(**kw)
+    again = client.messages.create(**kw)
+    total = first.usage.input_tokens + first.usage.cache_read_input_tokens
+    assert total > 512 and first.usage.cache_read_input_tokens == 0
+    assert again.usage.cache_read_input_tokens == (total - 1) // 256 * 256
+    assert again.usage.input_tokens + again.usage.cache_read_input_tokens == total
