@@ -135,11 +135,15 @@ class AsyncLLM:
 
     def begin_shutdown(self) -> None:
         """Stop taking requests and fail every open stream with EngineDeadError now, without
-        waiting for the engine thread (a server's signal handler calls this)."""
+        waiting for the engine thread (a server's signal handler calls this). When a worker
+        rank is gone, that is the reason the streams get: the server's watchdog may see the
+        death and shut down before the engine thread's step fails on it."""
         with self._lock:
             self._stopped = True
         self._commands.put(lambda: None)  # wake an idle loop
-        self._fail_streams(lambda: EngineDeadError("the server is shutting down"))
+        failure = self.engine.failure()
+        reason = f"the engine stopped: {failure}" if failure else "the server is shutting down"
+        self._fail_streams(lambda: EngineDeadError(reason))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; every open stream fails with EngineDeadError."""
