@@ -23,9 +23,12 @@ from dsv4.engine.outputs import (EngineOutput, EngineStats, StepError, TokenLogp
 from dsv4.engine.request import Request, RequestStatus, StepOutput
 from dsv4.engine.sampler import LogprobsTensors, SamplerOutput
 from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.structured_output import StructuredOutputManager
 from dsv4.errors import InvalidRequestError
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.sampling_params import SamplingParams, validate_prompt
+from dsv4.structured_outputs import GrammarCompiler
+from dsv4.tokenizer import Tokenizer
 
 __all__ = ["LLMEngine"]
 
@@ -74,6 +77,16 @@ class LLMEngine:
         # prompt logprobs being collected, until they go out with the first token
         self._prompt_lps: dict[str, list[TokenLogprobs]] = {}
         self._num_prompt_tokens = self._num_generation_tokens = 0
+        # grammar state of the requests with structured outputs (see enable_structured_outputs)
+        self.structured = StructuredOutputManager(model.config.vocab_size)
+
+    def enable_structured_outputs(self, tokenizer: Tokenizer) -> GrammarCompiler:
+        """Let requests carry ``structured_outputs``: grammars compile against ``tokenizer``.
+        Returns the compiler (shared with the server, which checks specs before submitting);
+        calling it again keeps the first one."""
+        if self.structured.compiler is None:
+            self.structured.enable(GrammarCompiler(tokenizer, self.model_config.vocab_size))
+        return self.structured.compiler
 
     def cache_info(self) -> dict[str, float]:
         """KV-cache figures of this engine: allocated bytes, tokens the pools hold, asymptotic
@@ -104,10 +117,15 @@ class LLMEngine:
                                       param="n")
         validate_prompt(prompt_token_ids, params, self.config.max_model_len,
                         self.model_config.vocab_size)
+        self.structured.add_request(request_id, params, prompt_token_ids)
         # the least loaded data-parallel group takes it
         scheduler = min(self.schedulers, key=lambda s: len(s.requests))
-        scheduler.add_request(Request(request_id, prompt_token_ids, params,
-                                      eos_token_id=self.eos_token_id))
+        try:
+            scheduler.add_request(Request(request_id, prompt_token_ids, params,
+                                          eos_token_id=self.eos_token_id))
+        except BaseException:
+            self.structured.remove(request_id)
+            raise
         self._params[request_id] = params
         if params.prompt_logprobs is not None:
             self._prompt_lps[request_id] = []
@@ -148,6 +166,9 @@ class LLMEngine:
         batches = [s.schedule() for s in self.schedulers]
         if all(b.is_empty for b in batches):
             return []
+        if len(self.structured):
+            for batch in batches:
+                batch.grammar = self.structured.prepare(batch)
         if self.workers is not None and self.workers.failure():
             raise self._fail_all(self.workers.explain(RuntimeError("worker gone")))
         try:
@@ -234,5 +255,6 @@ class LLMEngine:
                                         so.finish_reason, so.stop_reason, lps, prompt_lps))
             if so.finished:
                 self._params.pop(so.request_id, None)
+                self.structured.remove(so.request_id)
                 self._prompt_lps.pop(so.request_id, None)
         return results
