@@ -50,6 +50,7 @@ from dsv4.server.protocol import (
     reject_unsupported,
 )
 from dsv4.server.state import ServerState
+from dsv4.server.structured import structured_spec, with_response_format
 from dsv4.server.validation import check_messages, check_sampling, check_tools
 
 __all__ = ["ChatRun", "prepare_chat", "render_chat_prompt"]
@@ -61,7 +62,8 @@ def render_chat_prompt(state: ServerState, raw: dict[str, Any]) -> str:
     """The prompt string for a chat request body (400 naming the field on bad input)."""
     check_messages(raw.get("messages"))
     check_tools(raw.get("tools"))
-    return state.processor.render_chat(raw, default_thinking=state.default_thinking)
+    return state.processor.render_chat(with_response_format(raw),
+                                       default_thinking=state.default_thinking)
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest,
@@ -74,6 +76,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest,
     model = state.check_model(req.model)
     tools = tool_schemas(req.tools)
     tools_enabled, forced_name, force = resolve_tool_choice(req.tool_choice, list(tools))
+    spec = structured_spec(req, state.grammar, tools_enabled=tools_enabled)
     prompt = render_chat_prompt(state, raw)
     prompt_ids = state.processor.tokenize(prompt, "messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
@@ -81,7 +84,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest,
     num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = state.sampling_params(req, [prompt_ids], max_tokens=max_tokens,
                                    logprobs=num_logprobs, skip_special_tokens=req.ignore_eos,
-                                   prompt_field="messages")
+                                   prompt_field="messages", structured_outputs=spec)
     thinking = prompt_ends_in_reasoning(prompt)
     plan = None
     if force:

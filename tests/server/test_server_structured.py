@@ -1,0 +1,170 @@
+"""Structured outputs over the openai client against the server with the random demo model.
+
+The model writes gibberish, so every valid answer below is the grammar's doing: JSON schemas
+(nested objects, arrays, enums, required fields, bounded numbers, string patterns) in chat and
+thinking mode, streamed and not; choice, regex and grammar through vLLM's structured_outputs;
+the completions endpoint; malformed specs as 400s naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import openai
+import pytest
+from server_harness import MODEL, ServerHandle
+
+THINK_CLOSE_ID = "128822"  # </think>: biased in thinking mode so the random model answers soon
+PERSON = {
+    "type": "object", "additionalProperties": False,
+    "required": ["name", "age", "role", "address", "scores"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "height": {"type": "number", "minimum": 0.5, "maximum": 2.5, "multipleOf": 0.01},
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "address": {"type": "object", "additionalProperties": False,
+                    "required": ["city", "zip"],
+                    "properties": {"city": {"type": "string", "maxLength": 12},
+                                   "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "scores": {"type": "array", "minItems": 1, "maxItems": 4,
+                   "items": {"type": "integer", "minimum": -5, "maximum": 5}},
+    },
+}
+RF = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+NO_THINK = {"thinking": {"type": "disabled"}}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    handle = ServerHandle(tmp_path_factory.getbasetemp(), max_num_seqs=8)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def client(srv):
+    return srv.client()
+
+
+def chat(client, thinking=False, stream=False, **kw):
+    """-> (content, finish_reason) of one chat completion."""
+    extra = kw.pop("extra_body", {})
+    if not thinking:
+        extra = {**NO_THINK, **extra}
+    else:
+        kw.setdefault("logit_bias", {THINK_CLOSE_ID: 12})
+    kw.setdefault("max_tokens", 400)
+    r = client.chat.completions.create(model=MODEL, stream=stream, extra_body=extra,
+                                       messages=[{"role": "user", "content": "Describe a person"}],
+                                       **kw)
+    if not stream:
+        return r.choices[0].message.content, r.choices[0].finish_reason
+    content, reason = "", None
+    for chunk in r:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            reason = c.finish_reason or reason
+    return content, reason
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_answers_validate(client, thinking, stream):
+    for seed in (1, 2):
+        content, reason = chat(client, thinking, stream, response_format=RF, seed=seed)
+        assert reason == "stop"
+        jsonschema.validate(json.loads(content), PERSON)
+
+
+def test_json_object_and_completions(client):
+    content, reason = chat(client, response_format={"type": "json_object"}, seed=4)
+    assert reason == "stop" and isinstance(json.loads(content), dict)
+    r = client.completions.create(model=MODEL, prompt="A person:", max_tokens=400, seed=4,
+                                  extra_body={"response_format": RF})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].text), PERSON)
+    r = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=20, seed=5,
+                                  extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert r.choices[0].text in ("yes", "no")
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_vllm_structured_outputs_fields(client, thinking):
+    choices = ["red", "green", "blue"]
+    for seed in (1, 2, 3):
+        content, _ = chat(client, thinking, extra_body={"structured_outputs": {"choice": choices}},
+                          seed=seed)
+        assert content in choices
+    pattern = r"[a-z]{2,8}@[a-z]{2,6}\.(com|org)"
+    content, reason = chat(client, thinking, seed=4,
+                           extra_body={"structured_outputs": {"regex": pattern}})
+    assert reason == "stop" and re.fullmatch(pattern, content)
+    grammar = 'start: "(" num (" + " num)* ")"\nnum: /[1-9][0-9]?/'
+    content, reason = chat(client, thinking, seed=5, max_tokens=200,
+                           extra_body={"structured_outputs": {"grammar": grammar}})
+    assert reason == "stop" and re.fullmatch(r"\([1-9][0-9]?( \+ [1-9][0-9]?)*\)", content)
+    content, _ = chat(client, thinking, stream=True, seed=6,
+                      extra_body={"structured_outputs": {"json": PERSON}})
+    jsonschema.validate(json.loads(content), PERSON)
+
+
+def test_free_rows_get_the_same_tokens_beside_constrained_ones(client):
+    def free():
+        return chat(client, temperature=0, max_tokens=24)
+
+    alone = free()
+    with ThreadPoolExecutor(6) as pool:
+        constrained = [pool.submit(chat, client, response_format=RF, seed=s) for s in range(4)]
+        mixed = [pool.submit(free) for _ in range(2)]
+        for f in constrained:
+            jsonschema.validate(json.loads(f.result()[0]), PERSON)
+        assert [f.result() for f in mixed] == [alone, alone]
+
+
+def test_a_cut_answer_says_length(client):
+    content, reason = chat(client, response_format=RF, max_tokens=5, seed=1)
+    assert reason == "length" and content.startswith("{")
+
+
+def _error(fn):
+    with pytest.raises(openai.BadRequestError) as err:
+        fn()
+    return err.value.body
+
+
+@pytest.mark.parametrize("kw,param", [
+    (dict(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "bogus"}}}}}),
+     "response_format.json_schema.schema"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"schema": [1]}}),
+     "response_format.json_schema.schema"),
+    (dict(response_format={"type": "xml"}), "response_format.type"),
+    (dict(extra_body={"structured_outputs": {"regex": "[a-"}}), "structured_outputs.regex"),
+    (dict(extra_body={"structured_outputs": {"grammar": "start: undefined_rule"}}),
+     "structured_outputs.grammar"),
+    (dict(extra_body={"structured_outputs": {"json": "{not json"}}), "structured_outputs.json"),
+    (dict(extra_body={"structured_outputs": {"choice": []}}), "structured_outputs.choice"),
+    (dict(extra_body={"structured_outputs": {"regex": "a", "choice": ["a"]}}),
+     "structured_outputs"),
+    (dict(extra_body={"structured_outputs": {"jsonn": {}}}), "structured_outputs.jsonn"),
+    (dict(response_format={"type": "json_object"},
+          extra_body={"structured_outputs": {"regex": "a"}}), "structured_outputs"),
+    (dict(response_format={"type": "json_object"}, extra_body={"ignore_eos": True}),
+     "ignore_eos"),
+    (dict(response_format={"type": "json_object"}, tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object"}}}]), "response_format"),
+])
+def test_malformed_specs_are_400_naming_the_field(srv, client, kw, param):
+    extra = {**NO_THINK, **kw.pop("extra_body", {})}
+    body = _error(lambda: client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+        extra_body=extra, **kw))
+    assert body["param"] == param and body["type"] == "invalid_request_error"
+    assert srv.wait_idle() and not srv.engine_call(lambda e: len(e.structured))
+    assert chat(client, max_tokens=1)[1] == "length"  # still serving
