@@ -14,10 +14,9 @@ from typing import Any
 
 from dsv4.errors import InvalidRequestError
 from dsv4.server.protocol import APIError
-from dsv4.structured_outputs import StructuredOutputsParams
-from dsv4.structured_outputs import GrammarCompiler
+from dsv4.structured_outputs import GrammarCompiler, StructuredOutputsParams
 
-__all__ = ["structured_spec", "with_response_format"]
+__all__ = ["structured_spec", "tool_spec", "with_response_format"]
 
 # vLLM's structured_outputs keys that dsv4 accepts without effect: it never falls back to another
 # backend, and JSON never has free whitespace
@@ -57,6 +56,17 @@ def _from_structured_outputs(fields: dict[str, Any]) -> tuple[StructuredOutputsP
     given = {k: fields[k] for k in _KEYS if fields.get(k) is not None}
     spec = StructuredOutputsParams(**given)  # InvalidRequestError naming the field
     return spec, f"structured_outputs.{spec.kind}"
+
+
+def tool_spec(compiler: GrammarCompiler, grammar: str) -> StructuredOutputsParams:
+    """The spec of a tool-call grammar (``dsv4.server.grammar``), compiled: a parameters schema
+    the backend cannot compile is a 400 naming ``tools``."""
+    spec = StructuredOutputsParams(grammar=grammar)
+    try:
+        compiler.check(spec, param="tools")
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), param="tools") from None
+    return spec
 
 
 def with_response_format(raw: dict[str, Any]) -> dict[str, Any]:

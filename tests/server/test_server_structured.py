@@ -168,3 +168,90 @@ def test_malformed_specs_are_400_naming_the_field(srv, client, kw, param):
     assert body["param"] == param and body["type"] == "invalid_request_error"
     assert srv.wait_idle() and not srv.engine_call(lambda e: len(e.structured))
     assert chat(client, max_tokens=1)[1] == "length"  # still serving
+
+
+# ---- tool calls by grammar -------------------------------------------------------------------
+SEARCH = {"type": "function", "function": {"name": "search", "strict": True, "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["query", "limit", "filters"],
+    "properties": {"query": {"type": "string", "maxLength": 20},
+                   "limit": {"type": "integer", "minimum": 1, "maximum": 50},
+                   "filters": {"type": "array", "maxItems": 3,
+                               "items": {"enum": ["news", "images", "video"]}},
+                   "safe": {"type": "boolean"}}}}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "required": ["city", "days"],
+    "properties": {"city": {"type": "string", "maxLength": 16},
+                   "unit": {"enum": ["celsius", "fahrenheit"]},
+                   "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                   "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {}}}}
+TOOLS = [SEARCH, WEATHER, TIME]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def calls_of(client, thinking=False, stream=False, **kw):
+    """-> ([(name, arguments)], content, finish_reason)."""
+    extra = {} if thinking else NO_THINK
+    if thinking:
+        kw.setdefault("logit_bias", {THINK_CLOSE_ID: 12})
+    r = client.chat.completions.create(model=MODEL, stream=stream, extra_body=extra,
+                                       messages=[{"role": "user", "content": "Help me"}],
+                                       tools=TOOLS, max_tokens=kw.pop("max_tokens", 400), **kw)
+    if not stream:
+        msg = r.choices[0].message
+        calls = [(c.function.name, c.function.arguments) for c in msg.tool_calls or []]
+        return calls, msg.content, r.choices[0].finish_reason
+    calls, content, reason = {}, "", None
+    for chunk in r:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            reason = c.finish_reason or reason
+            for tc in c.delta.tool_calls or []:
+                name, args = calls.get(tc.index, ("", ""))
+                calls[tc.index] = (name + (tc.function.name or ""),
+                                   args + (tc.function.arguments or ""))
+    return [calls[i] for i in sorted(calls)], content or None, reason
+
+
+def check_calls(calls):
+    assert calls
+    for name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_calls_parse_and_validate(client, thinking, stream):
+    for seed in (1, 2, 3):
+        calls, content, reason = calls_of(client, thinking, stream, tool_choice="required",
+                                          seed=seed)
+        check_calls(calls)
+        assert reason == "tool_calls" and not content
+
+
+@pytest.mark.parametrize("name", ["search", "get_weather", "get_time"])
+def test_a_named_function_is_called_once(client, name):
+    for seed in (1, 2):
+        calls, _, reason = calls_of(client, seed=seed, tool_choice={
+            "type": "function", "function": {"name": name}})
+        check_calls(calls)
+        assert [n for n, _ in calls] == [name] and reason == "tool_calls"
+
+
+def test_auto_with_a_strict_tool_gives_text_or_valid_calls(client):
+    for seed in (1, 2):
+        calls, content, reason = calls_of(client, seed=seed, max_tokens=60)
+        if calls:
+            check_calls(calls)
+        assert "｜DSML｜" not in (content or "")
+
+
+def test_an_uncompilable_tool_schema_is_a_400(srv, client):
+    bad = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "bogus"}}}}}
+    body = _error(lambda: client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[bad],
+        tool_choice="required", extra_body=NO_THINK))
+    assert body["param"] == "tools"
+    assert srv.wait_idle()
