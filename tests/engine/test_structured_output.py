@@ -42,9 +42,13 @@ def compiler(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, tokenizer):
-    path = write_checkpoint(tmp_path_factory.mktemp("so") / "demo", DEMO_CONFIG, seed=0)
-    eng = EngineArgs(model=str(path), device="cpu", max_model_len=1024,
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("so") / "demo", DEMO_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint, tokenizer):
+    eng = EngineArgs(model=str(checkpoint), device="cpu", max_model_len=1024,
                      kv_cache_memory=64 << 20, max_num_seqs=8).create_engine(
                          eos_token_id=tokenizer.eos_token_id)
     eng.enable_structured_outputs(tokenizer)
@@ -190,3 +194,16 @@ def test_the_engine_rejects_an_uncompilable_spec_before_queueing(engine, tokeniz
                            SamplingParams(structured_outputs=SO(regex="(")))
     assert err.value.param == "structured_outputs.regex"
     assert not engine.has_unfinished_requests() and not len(engine.structured)
+
+
+def test_llm_takes_vllms_structured_outputs_shape(checkpoint):
+    import dsv4
+
+    llm = dsv4.LLM(checkpoint, device="cpu", max_model_len=512, kv_cache_memory=16 << 20)
+    params = dsv4.SamplingParams(seed=3, n=2, max_tokens=200,
+                                 structured_outputs=dsv4.StructuredOutputsParams(json=SCHEMA))
+    (out,) = llm.chat([{"role": "user", "content": "hi"}], params,
+                      chat_template_kwargs={"thinking": False})
+    for completion in out.outputs:
+        assert completion.finish_reason == "stop"
+        jsonschema.validate(json.loads(completion.text), SCHEMA)

@@ -53,7 +53,7 @@ def client(srv):
 
 
 def chat(client, thinking=False, stream=False, **kw):
-    """-> (content, finish_reason) of one chat completion."""
+    """-> [(content, finish_reason)] per choice of one chat completion."""
     extra = kw.pop("extra_body", {})
     if not thinking:
         extra = {**NO_THINK, **extra}
@@ -64,26 +64,30 @@ def chat(client, thinking=False, stream=False, **kw):
                                        messages=[{"role": "user", "content": "Describe a person"}],
                                        **kw)
     if not stream:
-        return r.choices[0].message.content, r.choices[0].finish_reason
-    content, reason = "", None
+        return [(c.message.content, c.finish_reason) for c in r.choices]
+    out = [["", None] for _ in range(kw.get("n", 1))]
     for chunk in r:
         for c in chunk.choices:
-            content += c.delta.content or ""
-            reason = c.finish_reason or reason
-    return content, reason
+            out[c.index][0] += c.delta.content or ""
+            out[c.index][1] = c.finish_reason or out[c.index][1]
+    return [tuple(o) for o in out]
+
+
+def one(client, thinking=False, stream=False, **kw):
+    (answer,) = chat(client, thinking, stream, **kw)
+    return answer
 
 
 @pytest.mark.parametrize("thinking", [False, True])
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_schema_answers_validate(client, thinking, stream):
-    for seed in (1, 2):
-        content, reason = chat(client, thinking, stream, response_format=RF, seed=seed)
+    for content, reason in chat(client, thinking, stream, response_format=RF, seed=1, n=3):
         assert reason == "stop"
         jsonschema.validate(json.loads(content), PERSON)
 
 
 def test_json_object_and_completions(client):
-    content, reason = chat(client, response_format={"type": "json_object"}, seed=4)
+    content, reason = one(client, response_format={"type": "json_object"}, seed=4)
     assert reason == "stop" and isinstance(json.loads(content), dict)
     r = client.completions.create(model=MODEL, prompt="A person:", max_tokens=400, seed=4,
                                   extra_body={"response_format": RF})
@@ -97,30 +101,29 @@ def test_json_object_and_completions(client):
 @pytest.mark.parametrize("thinking", [False, True])
 def test_vllm_structured_outputs_fields(client, thinking):
     choices = ["red", "green", "blue"]
-    for seed in (1, 2, 3):
-        content, _ = chat(client, thinking, extra_body={"structured_outputs": {"choice": choices}},
-                          seed=seed)
+    for content, _ in chat(client, thinking, n=3, seed=1,
+                           extra_body={"structured_outputs": {"choice": choices}}):
         assert content in choices
     pattern = r"[a-z]{2,8}@[a-z]{2,6}\.(com|org)"
-    content, reason = chat(client, thinking, seed=4,
-                           extra_body={"structured_outputs": {"regex": pattern}})
+    content, reason = one(client, thinking, seed=4,
+                          extra_body={"structured_outputs": {"regex": pattern}})
     assert reason == "stop" and re.fullmatch(pattern, content)
     grammar = 'start: "(" num (" + " num)* ")"\nnum: /[1-9][0-9]?/'
-    content, reason = chat(client, thinking, seed=5, max_tokens=200,
-                           extra_body={"structured_outputs": {"grammar": grammar}})
+    content, reason = one(client, thinking, seed=5, max_tokens=200,
+                          extra_body={"structured_outputs": {"grammar": grammar}})
     assert reason == "stop" and re.fullmatch(r"\([1-9][0-9]?( \+ [1-9][0-9]?)*\)", content)
-    content, _ = chat(client, thinking, stream=True, seed=6,
-                      extra_body={"structured_outputs": {"json": PERSON}})
+    content, _ = one(client, thinking, stream=True, seed=6,
+                     extra_body={"structured_outputs": {"json": PERSON}})
     jsonschema.validate(json.loads(content), PERSON)
 
 
 def test_free_rows_get_the_same_tokens_beside_constrained_ones(client):
     def free():
-        return chat(client, temperature=0, max_tokens=24)
+        return one(client, temperature=0, max_tokens=24)
 
     alone = free()
     with ThreadPoolExecutor(6) as pool:
-        constrained = [pool.submit(chat, client, response_format=RF, seed=s) for s in range(4)]
+        constrained = [pool.submit(one, client, response_format=RF, seed=s) for s in range(4)]
         mixed = [pool.submit(free) for _ in range(2)]
         for f in constrained:
             jsonschema.validate(json.loads(f.result()[0]), PERSON)
@@ -128,7 +131,7 @@ def test_free_rows_get_the_same_tokens_beside_constrained_ones(client):
 
 
 def test_a_cut_answer_says_length(client):
-    content, reason = chat(client, response_format=RF, max_tokens=5, seed=1)
+    content, reason = one(client, response_format=RF, max_tokens=5, seed=1)
     assert reason == "length" and content.startswith("{")
 
 
@@ -167,7 +170,7 @@ def test_malformed_specs_are_400_naming_the_field(srv, client, kw, param):
         extra_body=extra, **kw))
     assert body["param"] == param and body["type"] == "invalid_request_error"
     assert srv.wait_idle() and not srv.engine_call(lambda e: len(e.structured))
-    assert chat(client, max_tokens=1)[1] == "length"  # still serving
+    assert one(client, max_tokens=1)[1] == "length"  # still serving
 
 
 # ---- tool calls by grammar -------------------------------------------------------------------
@@ -191,27 +194,29 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
 def calls_of(client, thinking=False, stream=False, **kw):
-    """-> ([(name, arguments)], content, finish_reason)."""
+    """-> [([(name, arguments)], content, finish_reason)] per choice."""
     extra = {} if thinking else NO_THINK
     if thinking:
         kw.setdefault("logit_bias", {THINK_CLOSE_ID: 12})
+    kw.setdefault("max_tokens", 400)
     r = client.chat.completions.create(model=MODEL, stream=stream, extra_body=extra,
                                        messages=[{"role": "user", "content": "Help me"}],
-                                       tools=TOOLS, max_tokens=kw.pop("max_tokens", 400), **kw)
+                                       tools=TOOLS, **kw)
     if not stream:
-        msg = r.choices[0].message
-        calls = [(c.function.name, c.function.arguments) for c in msg.tool_calls or []]
-        return calls, msg.content, r.choices[0].finish_reason
-    calls, content, reason = {}, "", None
+        return [([(c.function.name, c.function.arguments) for c in ch.message.tool_calls or []],
+                 ch.message.content, ch.finish_reason) for ch in r.choices]
+    n = kw.get("n", 1)
+    calls, content, reason = [{} for _ in range(n)], [""] * n, [None] * n
     for chunk in r:
         for c in chunk.choices:
-            content += c.delta.content or ""
-            reason = c.finish_reason or reason
+            content[c.index] += c.delta.content or ""
+            reason[c.index] = c.finish_reason or reason[c.index]
             for tc in c.delta.tool_calls or []:
-                name, args = calls.get(tc.index, ("", ""))
-                calls[tc.index] = (name + (tc.function.name or ""),
-                                   args + (tc.function.arguments or ""))
-    return [calls[i] for i in sorted(calls)], content or None, reason
+                name, args = calls[c.index].get(tc.index, ("", ""))
+                calls[c.index][tc.index] = (name + (tc.function.name or ""),
+                                            args + (tc.function.arguments or ""))
+    return [([cs[i] for i in sorted(cs)], content[k] or None, reason[k])
+            for k, cs in enumerate(calls)]
 
 
 def check_calls(calls):
@@ -223,25 +228,22 @@ def check_calls(calls):
 @pytest.mark.parametrize("thinking", [False, True])
 @pytest.mark.parametrize("stream", [False, True])
 def test_required_calls_parse_and_validate(client, thinking, stream):
-    for seed in (1, 2, 3):
-        calls, content, reason = calls_of(client, thinking, stream, tool_choice="required",
-                                          seed=seed)
+    for calls, content, reason in calls_of(client, thinking, stream, tool_choice="required",
+                                           seed=1, n=3):
         check_calls(calls)
         assert reason == "tool_calls" and not content
 
 
 @pytest.mark.parametrize("name", ["search", "get_weather", "get_time"])
 def test_a_named_function_is_called_once(client, name):
-    for seed in (1, 2):
-        calls, _, reason = calls_of(client, seed=seed, tool_choice={
-            "type": "function", "function": {"name": name}})
+    for calls, _, reason in calls_of(client, seed=1, n=2, tool_choice={
+            "type": "function", "function": {"name": name}}):
         check_calls(calls)
         assert [n for n, _ in calls] == [name] and reason == "tool_calls"
 
 
 def test_auto_with_a_strict_tool_gives_text_or_valid_calls(client):
-    for seed in (1, 2):
-        calls, content, reason = calls_of(client, seed=seed, max_tokens=60)
+    for calls, content, _ in calls_of(client, seed=1, n=2, max_tokens=60):
         if calls:
             check_calls(calls)
         assert "｜DSML｜" not in (content or "")
