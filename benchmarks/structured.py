@@ -9,7 +9,10 @@ all of them): 32 requests with 16-token prompts are prefilled, then ``--steps`` 
 are timed one by one. Constrained rows follow a schema that cannot end within the run (an array
 of at least 100 objects with an integer, a bounded string and an enum list), so the batch stays
 at 32 rows. Prints the median step time per mix, its ratio to the unconstrained one and the
-time the driver spent computing masks (``StructuredOutputManager.prepare``). Then it times the
+time the driver spent computing masks (``StructuredOutputManager.prepare``), the time the
+sampler takes to apply them (``Sampler.apply_grammar`` alone, 20 runs), and the overhead both
+add to the unconstrained step: on a busy machine the step medians move more than the masks
+cost, so that last column is the steadier ratio. Then it times the
 one-time vocabulary conversion, compiling each tool's parameters schema, the DSML tool-call
 grammar over all tools (what ``tool_choice: "required"`` uses) and a cache hit.
 """
@@ -123,6 +126,24 @@ def run_mix(llm: LLM, constrained: int, steps: int, tag: str, device: str
     return times, spent[0]
 
 
+def apply_times(vocab: int, rounds: int = 20) -> dict[int, float]:
+    """Median seconds of Sampler.apply_grammar on [32, vocab] logits, for 8 and 32 rows."""
+    from dsv4.engine.sampler import Sampler
+
+    logits = torch.randn(ROWS, vocab)
+    out = {}
+    for k in (8, 32):
+        bitmask = torch.randint(-2**31, 2**31 - 1, (k, (vocab + 31) // 32), dtype=torch.int32)
+        rows = torch.arange(k) * (ROWS // k)
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            Sampler.apply_grammar(logits, rows, bitmask)
+            times.append(time.perf_counter() - t0)
+        out[k] = statistics.median(times)
+    return out
+
+
 def compile_times(tokenizer) -> None:
     t0 = time.perf_counter()
     compiler = GrammarCompiler(tokenizer, DEMO_CONFIG.vocab_size)
@@ -169,14 +190,18 @@ def main() -> None:
                 times, spent = run_mix(llm, k, args.steps, f"{r}-{k}", args.device)
                 steps[k] += times
                 masks[k] += spent
+    applied = apply_times(DEMO_CONFIG.vocab_size)
     base = statistics.median(steps[0])
     print(f"\n{ROWS} rows, {args.rounds} rounds x {args.steps} decode steps per mix")
-    print("| constrained rows | median ms/step | vs 0 | mask computation ms/step |")
-    print("|---|---|---|---|")
+    print("| constrained rows | median ms/step | vs 0 | mask computation ms/step | "
+          "mask application ms/step | (step 0 + both) / step 0 |")
+    print("|---|---|---|---|---|---|")
     for k in mixes:
         med = statistics.median(steps[k])
-        print(f"| {k} | {1e3 * med:.1f} | {med / base:.3f}x | "
-              f"{1e3 * masks[k] / len(steps[k]):.2f} |")
+        fill = masks[k] / len(steps[k])
+        apply = applied.get(k, 0.0)
+        print(f"| {k} | {1e3 * med:.1f} | {med / base:.3f}x | {1e3 * fill:.2f} | "
+              f"{1e3 * apply:.2f} | {(base + fill + apply) / base:.3f}x |")
 
 
 if __name__ == "__main__":

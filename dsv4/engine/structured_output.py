@@ -29,7 +29,7 @@ from dsv4.errors import InvalidRequestError
 from dsv4.sampling_params import SamplingParams
 from dsv4.structured_outputs import GrammarCompiler
 
-__all__ = ["GrammarMask", "StructuredOutputManager"]
+__all__ = ["StructuredOutputManager"]
 
 logger = logging.getLogger(__name__)
 

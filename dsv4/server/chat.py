@@ -4,9 +4,8 @@ Thinking is on by default (DeepSeek's API; ``dsv4 serve --default-thinking off``
 requests that do not say); every request spelling is mapped by ``dsv4.encoding_request``. The
 output parser's start state comes from the rendered prompt, so reasoning, content and tool calls
 are split the same way in both modes; with ``tool_choice: "none"`` (or no tools) DSML is still
-stripped from content but never reported as a call. ``required`` / a named function (and
-``auto`` with a ``strict`` function) generate under the tool-call grammar of
-``dsv4.server.grammar``; ``response_format`` / ``structured_outputs`` under theirs
+stripped from content but never reported as a call. ``auto``, ``required`` and a named function generate under the tool-call grammar of
+``dsv4.server.grammar`` (``auto``: text, or text then a call); ``response_format`` / ``structured_outputs`` under theirs
 (``dsv4.server.structured``). Tool-call ids are ``call_<24 hex>``; ``finish_reason`` is
 ``tool_calls`` when a call was reported and the output was not cut by the length limit.
 """
@@ -22,8 +21,8 @@ from dsv4.encoding_tokens import THINK_CLOSE
 from dsv4.engine.outputs import TokenLogprobs
 from dsv4.output_processor import Delta
 from dsv4.server.generation import Generation
-from dsv4.server.grammar import (resolve_tool_choice, tool_call_grammar, tool_schemas,
-                                 wants_grammar)
+from dsv4.server.grammar import (any_strict, resolve_tool_choice, tool_call_grammar,
+                                 tool_schemas)
 from dsv4.server.metrics import RequestStats
 from dsv4.server.parsers import (
     CONTENT,
@@ -80,8 +79,9 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest,
     tools = tool_schemas(req.tools)
     tools_enabled, forced_name, force = resolve_tool_choice(req.tool_choice, list(tools))
     spec = structured_spec(req, state.grammar, tools_enabled=tools_enabled)
-    if force or (tools_enabled and wants_grammar(req.tools)):
-        spec = tool_spec(state.grammar, tool_call_grammar(tools, forced_name, force=force))
+    if tools_enabled:
+        spec = tool_spec(state.grammar, tool_call_grammar(tools, forced_name, force=force),
+                         strict=force or any_strict(req.tools))
     prompt = render_chat_prompt(state, raw)
     prompt_ids = state.processor.tokenize(prompt, "messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \

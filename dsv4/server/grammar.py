@@ -1,8 +1,10 @@
 """Tool calls by grammar: a Lark grammar (llguidance dialect) for the DSML block of declared tools.
 
-With ``tool_choice`` ``required`` or a named function, or with ``auto`` when a function is
-declared ``strict: true``, the chat endpoint constrains the answer (after the reasoning, which
-the engine leaves free) to the DSML tool-call block that V4 writes (chat_format.md section 1.7)::
+Whenever the model may call tools (``tool_choice`` ``auto``, ``required`` or a named
+function), the chat endpoint constrains the answer (after the reasoning, which the engine leaves
+free) to the DSML tool-call block that V4 writes (chat_format.md section 1.7), ``strict`` or
+not (a schema that does not compile is a 400 for a forced call or a ``strict`` function;
+otherwise the calls go unconstrained)::
 
     \\n\\n<｜DSML｜tool_calls>\\n
     <｜DSML｜invoke name="NAME">\\n
@@ -32,7 +34,7 @@ from dsv4.server.protocol import APIError
 from dsv4.server.validation import check_tools
 from dsv4.structured_outputs import JSON_OPTIONS
 
-__all__ = ["resolve_tool_choice", "tool_call_grammar", "tool_schemas", "wants_grammar"]
+__all__ = ["any_strict", "resolve_tool_choice", "tool_call_grammar", "tool_schemas"]
 
 _CLOSE = f"</{DSML}parameter>"
 
@@ -45,8 +47,8 @@ def tool_schemas(tools: Sequence[dict[str, Any]] | None) -> dict[str, dict[str, 
             for tool in tools or []}
 
 
-def wants_grammar(tools: Sequence[dict[str, Any]] | None) -> bool:
-    """Whether ``auto`` constrains calls: some function is declared ``strict: true``."""
+def any_strict(tools: Sequence[dict[str, Any]] | None) -> bool:
+    """Some function is declared ``strict: true`` (its schema must then compile)."""
     return any(isinstance(t.get("function"), dict) and t["function"].get("strict") is True
                for t in tools or [])
 

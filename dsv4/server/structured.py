@@ -10,6 +10,7 @@ grammar the backend rejects is a 400 naming the field and never reaches the engi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from dsv4.errors import InvalidRequestError
@@ -17,6 +18,8 @@ from dsv4.server.protocol import APIError
 from dsv4.structured_outputs import GrammarCompiler, StructuredOutputsParams
 
 __all__ = ["structured_spec", "tool_spec", "with_response_format"]
+
+logger = logging.getLogger(__name__)
 
 # vLLM's structured_outputs keys that dsv4 accepts without effect: it never falls back to another
 # backend, and JSON never has free whitespace
@@ -58,14 +61,19 @@ def _from_structured_outputs(fields: dict[str, Any]) -> tuple[StructuredOutputsP
     return spec, f"structured_outputs.{spec.kind}"
 
 
-def tool_spec(compiler: GrammarCompiler, grammar: str) -> StructuredOutputsParams:
-    """The spec of a tool-call grammar (``dsv4.server.grammar``), compiled: a parameters schema
-    the backend cannot compile is a 400 naming ``tools``."""
+def tool_spec(compiler: GrammarCompiler, grammar: str, *, strict: bool
+              ) -> StructuredOutputsParams | None:
+    """The spec of a tool-call grammar (``dsv4.server.grammar``), compiled. A parameters schema
+    the backend cannot compile is a 400 naming ``tools`` when ``strict`` (a forced call, or a
+    function declared strict); otherwise the calls go unconstrained (None), as before."""
     spec = StructuredOutputsParams(grammar=grammar)
     try:
         compiler.check(spec, param="tools")
     except InvalidRequestError as exc:
-        raise APIError(400, str(exc), param="tools") from None
+        if strict:
+            raise APIError(400, str(exc), param="tools") from None
+        logger.warning("tool schemas do not compile, calls are not constrained: %s", exc)
+        return None
     return spec
 
 

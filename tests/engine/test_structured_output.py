@@ -207,3 +207,22 @@ def test_llm_takes_vllms_structured_outputs_shape(checkpoint):
     for completion in out.outputs:
         assert completion.finish_reason == "stop"
         jsonschema.validate(json.loads(completion.text), SCHEMA)
+
+
+def test_a_preempted_request_keeps_its_grammar_state(engine, tokenizer):
+    """Preemption keeps the output and recomputes the cache: the matcher, which follows the
+    output tokens, needs no rollback, and a seeded request samples the same tokens."""
+    params = SamplingParams(seed=7, max_tokens=200, structured_outputs=SO(json=SCHEMA))
+    (plain, _), = run(engine, {"plain": (prompt(tokenizer), params)}).values()
+    engine.add_request("pre", prompt(tokenizer), params)
+    out = []
+    for _ in range(6):
+        out += [t for o in engine.step() for t in o.new_token_ids]
+    scheduler = engine.scheduler
+    req = scheduler.requests["pre"]
+    scheduler.running.remove(req)
+    scheduler._preempt(req)
+    while engine.has_unfinished_requests():
+        out += [t for o in engine.step() for t in o.new_token_ids]
+    assert req.num_preemptions == 1 and out == plain
+    jsonschema.validate(json.loads(text(tokenizer, out)), SCHEMA)
