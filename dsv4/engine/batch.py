@@ -10,6 +10,7 @@ grammar bitmask of the constrained rows, which the driver computes and every ran
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -68,8 +69,9 @@ class ScheduledBatch:
     output_token_ids: list[list[int]] = field(default_factory=list)
     # per request: its EOS id (masked with stop_token_ids while it is short of min_tokens)
     eos_token_ids: list[int | None] = field(default_factory=list)
-    # token masks of the rows under a grammar (set by the engine before the step; all ranks)
-    grammar: GrammarMask | None = None
+    # token masks of the rows under a grammar (set by the engine before the step; all ranks);
+    # a single-process engine gives a Future of them, computed while the model runs
+    grammar: GrammarMask | Future | None = None
 
     # ---- derived views ---------------------------------------------------------------------
     @property

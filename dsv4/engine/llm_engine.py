@@ -11,6 +11,7 @@ ids only: text, stop strings and chat templates live above it. Build one with
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 
 from dsv4.cache.block_manager import BlockManager
 from dsv4.cache.spec import kv_bytes_per_seq, kv_bytes_per_token, state_bytes_per_seq
@@ -167,13 +168,20 @@ class LLMEngine:
         if all(b.is_empty for b in batches):
             return []
         if len(self.structured):
-            for batch in batches:
-                batch.grammar = self.structured.prepare(batch)
+            if self.workers is None:  # masks computed while the model runs
+                batches[0].grammar = self.structured.prepare_async(batches[0])
+            else:  # the masks travel to the ranks with the batches
+                for batch in batches:
+                    batch.grammar = self.structured.prepare(batch)
         if self.workers is not None and self.workers.failure():
             raise self._fail_all(self.workers.explain(RuntimeError("worker gone")))
         try:
             if self.workers is None:
-                results = [self.runner.execute(batches[0])]
+                try:
+                    results = [self.runner.execute(batches[0])]
+                finally:  # the matchers must be idle before the requests change
+                    if isinstance(batches[0].grammar, Future):
+                        batches[0].grammar.exception()
             else:
                 results = self.workers.run_step(self.runner, batches)
         except Exception as exc:

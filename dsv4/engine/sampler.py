@@ -13,6 +13,7 @@ unseeded rows share the global RNG. A batch that is all greedy skips everything 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +139,9 @@ class SamplingMetadata:
                    vocab_size: int | None = None) -> SamplingMetadata:
         """Metadata for the sampling rows of ``batch`` (``batch.sample_indices`` order)."""
         rows = batch.sample_indices
+        grammar = batch.grammar
+        if isinstance(grammar, Future):  # computed while the model ran
+            grammar = grammar.result()
         return cls.build(
             [batch.sampling_params[i] for i in rows], device,
             output_token_ids=[batch.output_token_ids[i] for i in rows],
@@ -145,7 +149,7 @@ class SamplingMetadata:
             output_index=[batch.num_output_tokens[i] for i in rows],
             vocab_size=vocab_size,
             eos_token_ids=[batch.eos_token_ids[i] for i in rows] if batch.eos_token_ids else None,
-            grammar=batch.grammar,
+            grammar=grammar,
         )
 
 

@@ -5,7 +5,8 @@ matcher (``dsv4.structured_outputs.GrammarCompiler``). Before a step, ``prepare(
 each constrained sampling row's matcher up to the row's output tokens and computes the rows'
 allowed-token bitmasks in one parallel call; the result (``GrammarMask``) travels in the batch,
 so every rank that samples applies the same mask (``Sampler.apply_grammar``). Rows without a
-constraint are not touched at all.
+constraint are not touched at all. In a single-process engine the masks are computed in a
+helper thread while the model runs (``prepare_async``); the sampler waits for them.
 
 The matcher state is a function of the output tokens: it consumes the tokens it has not seen
 yet, so a preempted request (which keeps its output and recomputes the cache) needs nothing, and
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -63,6 +65,7 @@ class StructuredOutputManager:
         self.think_open = self.think_close = None
         self._states: dict[str, _RequestGrammar] = {}
         self._executor = None
+        self._helper: ThreadPoolExecutor | None = None
 
     def enable(self, compiler: GrammarCompiler) -> None:
         self.compiler = compiler
@@ -87,6 +90,14 @@ class StructuredOutputManager:
 
     def remove(self, request_id: str) -> None:
         self._states.pop(request_id, None)
+
+    def prepare_async(self, batch: ScheduledBatch) -> Future:
+        """``prepare`` in a helper thread, so the masks are computed while the model runs
+        (llguidance works without the GIL). The caller waits for it before the batch's requests
+        change (before ``update_from_output``)."""
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="dsv4-grammar")
+        return self._helper.submit(self.prepare, batch)
 
     def prepare(self, batch: ScheduledBatch) -> GrammarMask | None:
         """The masks of ``batch``'s constrained sampling rows; None when it has none."""
