@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 from dsv4.engine.outputs import EngineOutput, EngineStats, StepError, WorkerDiedError
 from dsv4.errors import InvalidRequestError
 from dsv4.sampling_params import SamplingParams
+from dsv4.structured_outputs import GrammarCompiler
+from dsv4.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from dsv4.engine.llm_engine import LLMEngine
@@ -68,6 +70,11 @@ class AsyncLLM:
     @property
     def vocab_size(self) -> int:
         return self.engine.model_config.vocab_size
+
+    def enable_structured_outputs(self, tokenizer: Tokenizer) -> GrammarCompiler:
+        """Turn on structured outputs (see ``LLMEngine.enable_structured_outputs``); the returned
+        compiler checks specs in any thread, before a request is submitted."""
+        return self.engine.enable_structured_outputs(tokenizer)
 
     # ---- public API (any thread with a running event loop) -------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,

@@ -49,6 +49,7 @@ class LLM:
         self.tokenizer = Tokenizer.from_pretrained(path)
         self.engine = args.create_engine(progress=progress,
                                          eos_token_id=self.tokenizer.eos_token_id)
+        self.engine.enable_structured_outputs(self.tokenizer)
         self.processor = InputProcessor(self.tokenizer, self.engine.config.max_model_len,
                                         self.engine.model_config.vocab_size)
         self._ids = itertools.count()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dsv4.errors import InvalidRequestError
+from dsv4.structured_outputs import StructuredOutputsParams
 
 __all__ = ["SamplingParams", "validate_prompt", "GREEDY_TEMPERATURE"]
 
@@ -55,6 +56,9 @@ class SamplingParams:
     # which it takes in the request body; here it travels with the params), so one tenant
     # cannot time another's prompts through cache hits. None: the shared cache
     cache_salt: str | None = None
+    # constrain the output (after the reasoning, when the prompt opens one) to a JSON schema,
+    # regex, choice or grammar; see dsv4.structured_outputs
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -110,6 +114,14 @@ class SamplingParams:
               f"stop must be non-empty strings, got {self.stop!r}")
         check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids or ()), "stop_token_ids",
               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.structured_outputs is not None:
+            check(isinstance(self.structured_outputs, StructuredOutputsParams),
+                  "structured_outputs", "structured_outputs must be a StructuredOutputsParams")
+            # a finished grammar allows only EOS: both would leave no token to sample
+            check(not self.ignore_eos, "ignore_eos",
+                  "ignore_eos cannot be combined with structured outputs")
+            check(self.min_tokens == 0, "min_tokens",
+                  "min_tokens cannot be combined with structured outputs")
 
     # ---- derived -------------------------------------------------------------------------
     @property

@@ -69,3 +69,7 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (the grammar backend builds its vocabulary from it)."""
+        return self._tok.to_str()

@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "dsv4"
 # lowest first; a module's layer is that of its longest matching prefix
 LAYERS = [
     ("dsv4.config", "dsv4.errors", "dsv4.env", "dsv4.device", "dsv4.logs", "dsv4.quant",
-     "dsv4.sampling_params", "dsv4.distributed",
+     "dsv4.sampling_params", "dsv4.structured_outputs", "dsv4.distributed",
      "dsv4.tokenizer", "dsv4.encoding", "dsv4.detokenizer"),
     ("dsv4.model", "dsv4.cache", "dsv4.demo"),
     ("dsv4.engine",),
@@ -28,7 +28,7 @@ LAYERS = [
 # the engine's public surface, for the server (it never reaches into the engine)
 SERVER_MAY_IMPORT = ("dsv4.async_llm", "dsv4.engine.outputs", "dsv4.engine_args",
                      "dsv4.errors", "dsv4.input_processor", "dsv4.output_processor",
-                     "dsv4.sampling_params", "dsv4.tokenizer", "dsv4.encoding", "dsv4.env",
+                     "dsv4.sampling_params", "dsv4.structured_outputs", "dsv4.tokenizer", "dsv4.encoding", "dsv4.env",
                      "dsv4.demo", "dsv4.device", "dsv4.logs", "dsv4.server")
 
 

@@ -4,16 +4,30 @@ A plain picklable dataclass, so it can be broadcast to TP/EP followers. Rows are
 scheduling order; request i feeds ``token_ids[i]`` at positions ``num_computed_tokens[i] + j``
 and, if ``do_sample[i]``, gets one sampled token back. Every block table is a snapshot (a copy);
 the sampling fields (params, prompt/output ids) are references read only by the driver rank,
-valid until ``Scheduler.update_from_output``. It carries no tensors and builds none.
+valid until ``Scheduler.update_from_output``. It builds no tensors; the one it may carry is the
+grammar bitmask of the constrained rows, which the driver computes and every rank applies.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+import torch
 
 from dsv4.sampling_params import SamplingParams
 
-__all__ = ["ScheduledBatch"]
+__all__ = ["GrammarMask", "ScheduledBatch"]
+
+
+@dataclass
+class GrammarMask:
+    """Token masks of one step's rows under a grammar, in sampling-row order (CPU). Built by
+    ``dsv4.engine.structured_output``, applied by ``Sampler.apply_grammar``."""
+
+    rows: list[int]  # sampling rows (positions in sample_indices) under a grammar
+    bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32: bit t of a row = token t allowed
+    banned: list[tuple[int, int]] = field(default_factory=list)  # (sampling row, token id)
 
 
 @dataclass
@@ -64,6 +78,9 @@ class ScheduledBatch:
     output_token_ids: list[list[int]] = field(default_factory=list)
     # per request: its EOS id (masked with stop_token_ids while it is short of min_tokens)
     eos_token_ids: list[int | None] = field(default_factory=list)
+    # token masks of the rows under a grammar (set by the engine before the step; all ranks);
+    # a single-process engine gives a Future of them, computed while the model runs
+    grammar: GrammarMask | Future | None = None
 
     # ---- derived views ---------------------------------------------------------------------
     @property

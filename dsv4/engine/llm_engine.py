@@ -11,6 +11,7 @@ ids only: text, stop strings and chat templates live above it. Build one with
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 
 from dsv4.cache.block_manager import BlockManager
 from dsv4.cache.spec import kv_bytes_per_seq, kv_bytes_per_token, state_bytes_per_seq
@@ -23,9 +24,12 @@ from dsv4.engine.outputs import (EngineOutput, EngineStats, StepError, TokenLogp
 from dsv4.engine.request import Request, RequestStatus, StepOutput
 from dsv4.engine.sampler import LogprobsTensors, SamplerOutput
 from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.structured_output import StructuredOutputManager
 from dsv4.errors import InvalidRequestError
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.sampling_params import SamplingParams, validate_prompt
+from dsv4.structured_outputs import GrammarCompiler
+from dsv4.tokenizer import Tokenizer
 
 __all__ = ["LLMEngine"]
 
@@ -77,6 +81,16 @@ class LLMEngine:
         # prompt logprobs being collected, until they go out with the first token
         self._prompt_lps: dict[str, list[TokenLogprobs]] = {}
         self._num_prompt_tokens = self._num_generation_tokens = 0
+        # grammar state of the requests with structured outputs (see enable_structured_outputs)
+        self.structured = StructuredOutputManager(model.config.vocab_size)
+
+    def enable_structured_outputs(self, tokenizer: Tokenizer) -> GrammarCompiler:
+        """Let requests carry ``structured_outputs``: grammars compile against ``tokenizer``.
+        Returns the compiler (shared with the server, which checks specs before submitting);
+        calling it again keeps the first one."""
+        if self.structured.compiler is None:
+            self.structured.enable(GrammarCompiler(tokenizer, self.model_config.vocab_size))
+        return self.structured.compiler
 
     def cache_info(self) -> dict[str, float]:
         """KV-cache figures of this engine: allocated bytes, tokens the pools hold, asymptotic
@@ -107,13 +121,18 @@ class LLMEngine:
                                       param="n")
         validate_prompt(prompt_token_ids, params, self.config.max_model_len,
                         self.model_config.vocab_size)
+        self.structured.add_request(request_id, params, prompt_token_ids)
         request = Request(request_id, prompt_token_ids, params, eos_token_id=self.eos_token_id)
         scheduler = self.scheduler
         if len(self.schedulers) > 1:  # the data-parallel group that has the longest cached
             # prefix of it takes it (each group has its own cache), then the least loaded
             scheduler = min(self.schedulers, key=lambda s: (-s.cached_prefix_tokens(request),
                                                             len(s.requests)))
-        scheduler.add_request(request)
+        try:
+            scheduler.add_request(request)
+        except BaseException:
+            self.structured.remove(request_id)
+            raise
         self._params[request_id] = params
         if params.prompt_logprobs is not None:
             self._prompt_lps[request_id] = []
@@ -156,11 +175,21 @@ class LLMEngine:
         batches = [s.schedule() for s in self.schedulers]
         if all(b.is_empty for b in batches):
             return []
+        if len(self.structured):
+            if self.workers is None:  # masks computed while the model runs
+                batches[0].grammar = self.structured.prepare_async(batches[0])
+            else:  # the masks travel to the ranks with the batches
+                for batch in batches:
+                    batch.grammar = self.structured.prepare(batch)
         if self.workers is not None and self.workers.failure():
             raise self._fail_all(self.workers.explain(RuntimeError("worker gone")))
         try:
             if self.workers is None:
-                results = [self.runner.execute(batches[0])]
+                try:
+                    results = [self.runner.execute(batches[0])]
+                finally:  # the matchers must be idle before the requests change
+                    if isinstance(batches[0].grammar, Future):
+                        batches[0].grammar.exception()
             else:
                 results = self.workers.run_step(self.runner, batches)
         except Exception as exc:
@@ -243,5 +272,6 @@ class LLMEngine:
                                         so.num_cached_tokens))
             if so.finished:
                 self._params.pop(so.request_id, None)
+                self.structured.remove(so.request_id)
                 self._prompt_lps.pop(so.request_id, None)
         return results

@@ -2,6 +2,7 @@
 
 Order (vLLM v1): logprobs from the raw logits -> logit_bias and min_tokens (EOS and stop ids
 masked while a row is short of min_tokens) -> penalties (repetition, presence, frequency) ->
+grammar masks (only the rows under a grammar are touched: their disallowed tokens get -inf) ->
 greedy rows take the argmax -> other rows: temperature, min-p, top-k, top-p, then Gumbel-max
 sampling (argmax of probs / Exp(1) noise). A seeded row draws its noise from a generator keyed on
 (seed, output index), so it samples the same tokens alone, in any batch, or after preemption;
@@ -12,11 +13,13 @@ unseeded rows share the global RNG. A batch that is all greedy skips everything 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from dsv4.engine.batch import ScheduledBatch
+from dsv4.engine.batch import GrammarMask, ScheduledBatch
 from dsv4.sampling_params import SamplingParams
 
 __all__ = ["LogprobsTensors", "Sampler", "SamplerOutput", "SamplingMetadata"]
@@ -54,6 +57,9 @@ class SamplingMetadata:
     # (row, token id) index tensors and values to add (logit_bias) / mask (min_tokens); None: none
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+    # rows under a grammar and their [rows, ceil(vocab / 32)] int32 allowed-token bitmasks
+    grammar_rows: torch.Tensor | None = None
+    grammar_bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -65,6 +71,7 @@ class SamplingMetadata:
         output_index: Sequence[int] | None = None,
         vocab_size: int | None = None,
         eos_token_ids: Sequence[int | None] | None = None,
+        grammar: GrammarMask | None = None,
     ) -> SamplingMetadata:
         """Rows follow ``params``. ``output_token_ids`` / ``prompt_token_ids`` are needed only
         for penalties; ``output_index`` defaults to ``len(output_token_ids[i])`` (else 0);
@@ -95,6 +102,9 @@ class SamplingMetadata:
         masked = [(i, t) for i, p in enumerate(params) if output_index[i] < p.min_tokens
                   for t in [*p.stop_token_ids,
                             *([] if p.ignore_eos or eos[i] is None else [eos[i]])]]
+        if grammar is not None:
+            masked += grammar.banned
+        use_grammar = grammar is not None and bool(grammar.rows)
         temperature = [1.0 if p.is_greedy else p.temperature for p in params]
         return cls(
             temperature=tensor(temperature, torch.float32),
@@ -120,6 +130,8 @@ class SamplingMetadata:
                   tensor([b for _, _, b in bias], torch.float32)) if bias else None,
             min_tokens_mask=(tensor([r for r, _ in masked], torch.int64),
                              tensor([t for _, t in masked], torch.int64)) if masked else None,
+            grammar_rows=tensor(grammar.rows, torch.int64) if use_grammar else None,
+            grammar_bitmask=grammar.bitmask.to(device) if use_grammar else None,
         )
 
     @classmethod
@@ -127,6 +139,9 @@ class SamplingMetadata:
                    vocab_size: int | None = None) -> SamplingMetadata:
         """Metadata for the sampling rows of ``batch`` (``batch.sample_indices`` order)."""
         rows = batch.sample_indices
+        grammar = batch.grammar
+        if isinstance(grammar, Future):  # computed while the model ran
+            grammar = grammar.result()
         return cls.build(
             [batch.sampling_params[i] for i in rows], device,
             output_token_ids=[batch.output_token_ids[i] for i in rows],
@@ -134,6 +149,7 @@ class SamplingMetadata:
             output_index=[batch.num_output_tokens[i] for i in rows],
             vocab_size=vocab_size,
             eos_token_ids=[batch.eos_token_ids[i] for i in rows] if batch.eos_token_ids else None,
+            grammar=grammar,
         )
 
 
@@ -167,6 +183,8 @@ class Sampler:
             logits = self.apply_bias_and_min_tokens(logits, metadata)
         if metadata.presence_penalty is not None:
             logits = self.apply_penalties(logits, metadata)
+        if metadata.grammar_rows is not None:
+            logits = self.apply_grammar(logits, metadata.grammar_rows, metadata.grammar_bitmask)
         greedy_ids = logits.argmax(dim=-1)
         if metadata.all_greedy:
             sampled = greedy_ids
@@ -188,6 +206,25 @@ class Sampler:
             logits.index_put_((rows, ids), values, accumulate=True)
         if metadata.min_tokens_mask is not None:
             logits[metadata.min_tokens_mask] = float("-inf")
+        return logits
+
+    @staticmethod
+    def apply_grammar(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor
+                      ) -> torch.Tensor:
+        """-inf on the tokens each grammar row does not allow; other rows are only copied."""
+        vocab = logits.shape[-1]
+        if bitmask.is_cpu:  # numpy unpacks bits several times faster than shifts on the CPU
+            bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
+            allowed = torch.from_numpy(bits[:, :vocab]).view(torch.bool)
+        else:
+            shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+            allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)
+            allowed = allowed[:, :vocab].bool()
+        blocked = torch.tensor(float("-inf"), device=logits.device)
+        if rows.numel() == logits.shape[0]:  # every row (rows are increasing and distinct)
+            return torch.where(allowed, logits, blocked)
+        logits = logits.clone()
+        logits[rows] = torch.where(allowed, logits[rows], blocked)
         return logits
 
     @staticmethod

@@ -4,8 +4,9 @@ Thinking is on by default (DeepSeek's API; ``dsv4 serve --default-thinking off``
 requests that do not say); every request spelling is mapped by ``dsv4.encoding_request``. The
 output parser's start state comes from the rendered prompt, so reasoning, content and tool calls
 are split the same way in both modes; with ``tool_choice: "none"`` (or no tools) DSML is still
-stripped from content but never reported as a call. ``required`` / a named function follow
-``dsv4.server.grammar.ToolCallPlan``. Tool-call ids are ``call_<24 hex>``; ``finish_reason`` is
+stripped from content but never reported as a call. ``auto``, ``required`` and a named function generate under the tool-call grammar of
+``dsv4.server.grammar`` (``auto``: text, or text then a call); ``response_format`` / ``structured_outputs`` under theirs
+(``dsv4.server.structured``). Tool-call ids are ``call_<24 hex>``; ``finish_reason`` is
 ``tool_calls`` when a call was reported and the output was not cut by the length limit.
 """
 
@@ -20,7 +21,8 @@ from dsv4.encoding_tokens import THINK_CLOSE
 from dsv4.engine.outputs import TokenLogprobs
 from dsv4.output_processor import Delta
 from dsv4.server.generation import Generation
-from dsv4.server.grammar import ToolCallPlan, resolve_tool_choice, tool_schemas
+from dsv4.server.grammar import (any_strict, resolve_tool_choice, tool_call_grammar,
+                                 tool_schemas)
 from dsv4.server.metrics import RequestStats
 from dsv4.server.parsers import (
     CONTENT,
@@ -50,6 +52,7 @@ from dsv4.server.protocol import (
     reject_unsupported,
 )
 from dsv4.server.state import ServerState
+from dsv4.server.structured import structured_spec, tool_spec, with_response_format
 from dsv4.server.validation import check_messages, check_sampling, check_tools
 
 __all__ = ["ChatRun", "prepare_chat", "render_chat_prompt"]
@@ -61,7 +64,8 @@ def render_chat_prompt(state: ServerState, raw: dict[str, Any]) -> str:
     """The prompt string for a chat request body (400 naming the field on bad input)."""
     check_messages(raw.get("messages"))
     check_tools(raw.get("tools"))
-    return state.processor.render_chat(raw, default_thinking=state.default_thinking)
+    return state.processor.render_chat(with_response_format(raw),
+                                       default_thinking=state.default_thinking)
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest,
@@ -74,6 +78,10 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest,
     model = state.check_model(req.model)
     tools = tool_schemas(req.tools)
     tools_enabled, forced_name, force = resolve_tool_choice(req.tool_choice, list(tools))
+    spec = structured_spec(req, state.grammar, tools_enabled=tools_enabled)
+    if tools_enabled:
+        spec = tool_spec(state.grammar, tool_call_grammar(tools, forced_name, force=force),
+                         strict=force or any_strict(req.tools))
     prompt = render_chat_prompt(state, raw)
     prompt_ids = state.processor.tokenize(prompt, "messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
@@ -81,16 +89,11 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest,
     num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = state.sampling_params(req, [prompt_ids], max_tokens=max_tokens,
                                    logprobs=num_logprobs, skip_special_tokens=req.ignore_eos,
-                                   prompt_field="messages")
+                                   prompt_field="messages", structured_outputs=spec)
     thinking = prompt_ends_in_reasoning(prompt)
-    plan = None
-    if force:
-        def plan() -> ToolCallPlan:
-            return ToolCallPlan(state.tokenizer, thinking=thinking, tools=tools,
-                                forced_name=forced_name)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stats = RequestStats(state.metrics, len(prompt_ids))
-    gen = Generation(state.llm, state.tokenizer, [prompt_ids], params, rid, stats, plan)
+    gen = Generation(state.llm, state.tokenizer, [prompt_ids], params, rid, stats)
     return ChatRun(state, req, gen, model, prompt, thinking, tools_enabled, tools)
 
 

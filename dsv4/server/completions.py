@@ -30,6 +30,7 @@ from dsv4.server.protocol import (
     reject_unsupported,
 )
 from dsv4.server.state import ServerState
+from dsv4.server.structured import structured_spec
 from dsv4.server.validation import check_prompt_batch, check_sampling
 
 __all__ = ["CompletionRun", "prepare_completion"]
@@ -69,11 +70,12 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Completion
     check_sampling(req)
     check_prompt_batch(req.prompt, req.n, state.max_model_len)
     model = state.check_model(req.model)
+    spec = structured_spec(req, state.grammar)
     ids_list, texts = _prompts(state, req.prompt)
     params = state.sampling_params(req, ids_list, max_tokens=req.max_tokens,
                                    logprobs=req.logprobs,
                                    skip_special_tokens=req.skip_special_tokens,
-                                   prompt_field="prompt")
+                                   prompt_field="prompt", structured_outputs=spec)
     if req.echo and req.logprobs is not None:  # the prompt's logprobs lead the choice's
         params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"

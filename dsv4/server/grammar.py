@@ -1,35 +1,42 @@
-"""Forced tool calls for ``tool_choice: "required"`` and a named function (a DSML prefix grammar).
+"""Tool calls by grammar: a Lark grammar (llguidance dialect) for the DSML block of declared tools.
 
-The engine samples freely, so the call is forced from outside as a plan of phases
-(``dsv4.server.generation``): in thinking mode the model first reasons until ``</think>``
-(an EOS there is dropped, and ``</think>`` is forced also when the reasoning reaches its cap,
-which leaves room for the call in the budget); then the DSML opener
-``\\n\\n<｜DSML｜tool_calls>\\n<｜DSML｜invoke name="`` is forced. A named function (or the only
-declared tool) is forced too; otherwise the model proposes a name in a hidden phase and the
-declared tool that best matches it is forced, with the header of its first required parameter
-(or the whole invoke for a tool without parameters). The model then writes the values; the
-output parser closes whatever it leaves open, so the response always carries a call to a
-declared tool. Values are not constrained (that needs a per-token hook in the sampler).
+Whenever the model may call tools (``tool_choice`` ``auto``, ``required`` or a named
+function), the chat endpoint constrains the answer (after the reasoning, which the engine leaves
+free) to the DSML tool-call block that V4 writes (chat_format.md section 1.7), ``strict`` or
+not (a schema that does not compile is a 400 for a forced call or a ``strict`` function;
+otherwise the calls go unconstrained)::
+
+    \\n\\n<｜DSML｜tool_calls>\\n
+    <｜DSML｜invoke name="NAME">\\n
+    <｜DSML｜parameter name="KEY" string="true">raw text</｜DSML｜parameter>\\n
+    <｜DSML｜parameter name="KEY" string="false">JSON</｜DSML｜parameter>\\n
+    </｜DSML｜invoke>\\n
+    </｜DSML｜tool_calls>
+
+Invoke names are the declared ones (only the named one for a named choice, which makes exactly
+one call; ``required`` makes one or more). Parameters come in the schema's order, each one the
+schema declares, the required ones always: a string parameter is raw text with
+``string="true"`` (bounded by the schema's enum, pattern or maxLength where it has them), any
+other is JSON that matches its schema with ``string="false"``. A tool without parameters gets
+the empty body the encoder renders. With ``auto`` the answer is free text (never containing
+``｜DSML｜``) or free text followed by a block.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from dsv4.encoding_tokens import DSML, THINK_CLOSE
-from dsv4.server.generation import Phase
+from dsv4.encoding_tokens import DSML
 from dsv4.server.protocol import APIError
 from dsv4.server.validation import check_tools
-from dsv4.tokenizer import Tokenizer
+from dsv4.structured_outputs import JSON_OPTIONS
 
-__all__ = ["INVOKE_PREFIX", "OPENER", "ToolCallPlan", "resolve_tool_choice", "tool_schemas"]
+__all__ = ["any_strict", "resolve_tool_choice", "tool_call_grammar", "tool_schemas"]
 
-OPENER = f"\n\n<{DSML}tool_calls>\n"
-INVOKE_PREFIX = f'<{DSML}invoke name="'
-HEADER_END = '">\n'
-_NAME_TOKENS = 48  # hidden phase cap: a tool name is at most 64 characters
-_VALUE_ROOM = 16  # tokens the reasoning leaves for the first value, beyond the forced text
+_CLOSE = f"</{DSML}parameter>"
 
 
 def tool_schemas(tools: Sequence[dict[str, Any]] | None) -> dict[str, dict[str, Any] | None]:
@@ -38,6 +45,12 @@ def tool_schemas(tools: Sequence[dict[str, Any]] | None) -> dict[str, dict[str, 
     check_tools(tools)
     return {tool["function"]["name"]: tool["function"].get("parameters")
             for tool in tools or []}
+
+
+def any_strict(tools: Sequence[dict[str, Any]] | None) -> bool:
+    """Some function is declared ``strict: true`` (its schema must then compile)."""
+    return any(isinstance(t.get("function"), dict) and t["function"].get("strict") is True
+               for t in tools or [])
 
 
 def resolve_tool_choice(tool_choice: str | dict[str, Any] | None,
@@ -67,83 +80,101 @@ def resolve_tool_choice(tool_choice: str | dict[str, Any] | None,
     return True, name, True
 
 
-def best_name(proposal: str, names: list[str]) -> str:
-    """The declared name the proposal means: exact, else longest common prefix, else first."""
-    proposal = proposal.split('"', 1)[0].strip()
-    if proposal in names:
-        return proposal
-
-    def common(name: str) -> int:
-        n = 0
-        while n < min(len(name), len(proposal)) and name[n] == proposal[n]:
-            n += 1
-        return n
-
-    return max(names, key=lambda name: (common(name), -names.index(name)))
+def _lit(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
-def _header_rest(name: str, parameters: dict[str, Any] | None) -> tuple[str, bool]:
-    """Text after ``name="`` up to where the model takes over, and whether it does at all.
-
-    With parameters, the first required one (else the first declared) is opened, with its
-    ``string`` flag from the schema type, so the invoke header can never be malformed; without
-    any, the whole block is closed.
-    """
-    props = (parameters or {}).get("properties") or {}
-    if not isinstance(props, dict) or not props:
-        return f"{name}{HEADER_END}\n</{DSML}invoke>\n</{DSML}tool_calls>", False
-    required = [k for k in (parameters or {}).get("required") or [] if k in props]
-    key = required[0] if required else next(iter(props))
-    kind = props[key].get("type") if isinstance(props[key], dict) else None
-    is_str = kind == "string" or (isinstance(kind, list) and "string" in kind)
-    flag = "true" if is_str else "false"
-    return f'{name}{HEADER_END}<{DSML}parameter name="{key}" string="{flag}">', True
+def _is_string(schema: Any) -> bool:
+    if not isinstance(schema, dict):
+        return False
+    if schema.get("type") == "string":
+        return True
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    return ("type" not in schema and isinstance(values, list) and bool(values)
+            and all(isinstance(v, str) for v in values))
 
 
-class ToolCallPlan:
-    """Phases that make one choice end in a call to a declared tool (see module docstring)."""
+def _regex_body(pattern: str) -> str:
+    """A JSON-schema pattern as the body of a Lark regex: whole-value match (anchors dropped),
+    ``/`` escaped for the delimiters."""
+    if pattern.startswith("^"):
+        pattern = pattern[1:]
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1]
+    return re.sub(r"(?<!\\)/", r"\\/", pattern)
 
-    def __init__(self, tokenizer: Tokenizer, *, thinking: bool,
-                 tools: dict[str, dict[str, Any] | None], forced_name: str | None) -> None:
-        self.tokenizer, self.thinking = tokenizer, thinking
-        self.tools, self.forced_name = tools, forced_name  # name -> parameters schema
-        self.think_close = tokenizer.token_to_id(THINK_CLOSE)
-        self.eos = tokenizer.eos_token_id
-        self.state = "reasoning" if thinking else "open"
 
-    def start(self) -> Phase:
-        if self.state == "reasoning":
-            return Phase(stop_token_ids=[self.think_close], drop_ids=(self.eos,),
-                         reserve=self._reserve())
-        return self._open(prefix="")
+def _string_value(name: str, schema: dict[str, Any]) -> list[str]:
+    """Rules for a raw string value followed by the closing tag and newline (rule ``name``)."""
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+        return [f"{name}: ({' | '.join(_lit(v) for v in values)}) {_lit(_CLOSE + chr(10))}"]
+    end = r"<\/｜DSML｜parameter>\n"
+    if isinstance(schema.get("pattern"), str):
+        body = f"(?:{_regex_body(schema['pattern'])})"
+    else:
+        low = schema.get("minLength", 0)
+        high = schema.get("maxLength")
+        low = low if isinstance(low, int) and low >= 0 else 0
+        high = f"{high}" if isinstance(high, int) and high >= low else ""
+        body = f"(?s:.{{{low},{high}}})" if (low or high) else "(?s:.*)"
+    token = name.upper()
+    # one lexeme holds the value and its closing tag, and no earlier ｜DSML｜ closing tag
+    return [f"{name}: {token}",
+            f"{token}: /{body}{end}/ & ~/(?s:.*)<\\/｜DSML｜(?s:.*){end}/"]
 
-    def next(self, token_ids: list[int], finish_reason: str | None,
-             stop_reason: int | str | None) -> Phase | None:
-        if finish_reason == "abort":
-            return None
-        if self.state == "name":  # whatever the model proposed (even cut short), force a name
-            return self._invoke("", best_name(self.tokenizer.decode(token_ids), list(self.tools)))
-        if self.state == "reasoning":  # ended by </think>, a dropped EOS or its own cap
-            closed = bool(token_ids) and token_ids[-1] == self.think_close
-            return self._open(prefix="" if closed else THINK_CLOSE)
-        return None  # the arguments phase ended: done
 
-    def _reserve(self) -> int:
-        """Budget the reasoning leaves: the longest forced call text plus room for a value."""
-        names = [self.forced_name] if self.forced_name is not None else list(self.tools)
-        head = THINK_CLOSE + OPENER + INVOKE_PREFIX
-        texts = [head + _header_rest(n, self.tools[n])[0] for n in names]
-        return _VALUE_ROOM + max(len(self.tokenizer.encode(t)) for t in texts)
+def _json_value(name: str, schema: Any, root: dict[str, Any]) -> list[str]:
+    sub: Any = schema if isinstance(schema, (dict, bool)) else {}
+    if sub is True:
+        sub = {}
+    if isinstance(sub, dict):
+        sub = {**sub, "x-guidance": JSON_OPTIONS}
+        for key in ("$defs", "definitions"):  # $ref's into the tool's schema keep working
+            if key in root and key not in sub:
+                sub[key] = root[key]
+    return [f"{name}: %json {json.dumps(sub, ensure_ascii=False)} {_lit(_CLOSE + chr(10))}"]
 
-    def _open(self, prefix: str) -> Phase:
-        text = prefix + OPENER + INVOKE_PREFIX
-        if self.forced_name is not None:
-            return self._invoke(text, self.forced_name)
-        self.state = "name"
-        return Phase(force_ids=self.tokenizer.encode(text), hidden=True, hidden_until='"',
-                     max_tokens=_NAME_TOKENS)
 
-    def _invoke(self, text: str, name: str) -> Phase:
-        rest, generate = _header_rest(name, self.tools[name])
-        self.state = "args"
-        return Phase(force_ids=self.tokenizer.encode(text + rest), generate=generate)
+def _invoke(i: int, name: str, schema: dict[str, Any] | None) -> list[str]:
+    schema = schema if isinstance(schema, dict) else {}
+    props = schema.get("properties")
+    props = props if isinstance(props, dict) else {}
+    required = set(schema.get("required") or [])
+    head = _lit(f'<{DSML}invoke name="{name}">\n')
+    tail = _lit(f"</{DSML}invoke>")
+    if not props:
+        return [f"inv{i}: {head} {_lit(chr(10))} {tail}"]
+    rules, parts = [], []
+    for j, (key, sub) in enumerate(props.items()):
+        is_str = _is_string(sub)
+        flag = "true" if is_str else "false"
+        value = f"v{i}_{j}"
+        rules += (_string_value(value, sub) if is_str else _json_value(value, sub, schema))
+        opener = _lit(f'<{DSML}parameter name="{key}" string="{flag}">')
+        rules.append(f"p{i}_{j}: {opener} {value}")
+        parts.append(f"p{i}_{j}" if key in required else f"p{i}_{j}?")
+    return [f"inv{i}: {head} {' '.join(parts)} {tail}", *rules]
+
+
+def tool_call_grammar(tools: dict[str, dict[str, Any] | None], forced_name: str | None, *,
+                      force: bool) -> str:
+    """The Lark grammar of the answer (see the module docstring). ``force``: a call must be made
+    (``required`` / named); else free text or text then a call (``auto``)."""
+    names = [forced_name] if forced_name is not None else list(tools)
+    rules = []
+    for i, name in enumerate(names):
+        rules += _invoke(i, name, tools[name])
+    invoke = " | ".join(f"inv{i}" for i in range(len(names)))
+    calls = "invoke" if forced_name is not None else "invoke+"
+    block_end = _lit(f"</{DSML}tool_calls>")
+    top = [f"invoke: ({invoke}) {_lit(chr(10))}"]
+    if force:
+        top.insert(0, f"start: {_lit(f'{chr(10)}{chr(10)}<{DSML}tool_calls>{chr(10)}')} "
+                      f"{calls} {block_end}")
+    else:
+        top[:0] = [f"start: TEXT | OPEN {calls} {block_end}",
+                   "TEXT: /(?s:.*)/ & ~/(?s:.*)｜DSML｜(?s:.*)/",
+                   r"OPEN: /(?s:.*)\n\n<｜DSML｜tool_calls>\n/ & "
+                   r"~/(?s:.*)｜DSML｜(?s:.*)｜DSML｜tool_calls>\n/"]
+    return "\n".join(top + rules) + "\n"

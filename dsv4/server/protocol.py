@@ -104,6 +104,9 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     cache_salt: str | None = None  # vLLM: requests share cached prefixes only with equal salts
+    # output constraints (dsv4.server.structured): OpenAI's and vLLM's spelling
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
     # accepted, no effect
     user: str | None = None
     user_id: str | None = None
@@ -127,7 +130,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}
     # rejected when set (see reject_unsupported)
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -187,11 +189,6 @@ def reject_unsupported(req: BaseModel) -> None:
                 raise APIError(400, f"{name} is not supported", param=name)
         if req.modalities is not None and list(req.modalities) != ["text"]:
             raise APIError(400, "only the 'text' modality is supported", param="modalities")
-        fmt = req.response_format
-        if fmt is not None and fmt.get("type", "text") != "text":
-            raise APIError(400, f"response_format type {fmt.get('type')!r} is not supported yet "
-                           "(only 'text'); describe the format in the prompt instead",
-                           param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:

@@ -23,6 +23,7 @@ from dsv4.input_processor import InputProcessor
 from dsv4.sampling_params import SamplingParams
 from dsv4.server.metrics import ServerMetrics
 from dsv4.server.protocol import APIError
+from dsv4.structured_outputs import GrammarCompiler, StructuredOutputsParams
 from dsv4.tokenizer import Tokenizer
 
 __all__ = ["SSE_DONE", "ClientGone", "ServerState", "sse", "until_disconnect"]
@@ -46,6 +47,7 @@ class ServerState:
     default_thinking: bool = True  # the chat mode of a request that names none
     metrics: ServerMetrics = field(init=False)
     processor: InputProcessor = field(init=False)
+    grammar: GrammarCompiler = field(init=False)  # shared with the engine
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -53,6 +55,7 @@ class ServerState:
         self.processor = InputProcessor(self.tokenizer, self.llm.max_model_len,
                                         self.llm.vocab_size, self.effort_profile)
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
+        self.grammar = self.llm.enable_structured_outputs(self.tokenizer)
 
     @property
     def max_model_len(self) -> int:
@@ -77,7 +80,9 @@ class ServerState:
 
     def sampling_params(self, req: Any, prompts: list[list[int]], *, max_tokens: int | None,
                         logprobs: int | None, skip_special_tokens: bool,
-                        prompt_field: str) -> SamplingParams:
+                        prompt_field: str,
+                        structured_outputs: StructuredOutputsParams | None = None
+                        ) -> SamplingParams:
         """SamplingParams for a request's fields, checked against every prompt; raises
         InvalidRequestError naming the field (context length included). Without max_tokens a
         request may run to the end of the context (vLLM's chat default)."""
@@ -101,6 +106,7 @@ class ServerState:
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=skip_special_tokens,
             cache_salt=req.cache_salt,
+            structured_outputs=structured_outputs,
         )
         for ids in prompts:
             self.processor.validate(ids, params, prompt_field)

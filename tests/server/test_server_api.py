@@ -137,7 +137,7 @@ def _error(call):
     (dict(logit_bias={"999999999": 1.0}), "logit_bias"),
     (dict(max_tokens=4, extra_body={"min_tokens": 5}), "min_tokens"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
-     "response_format"),
+     "response_format.json_schema.schema"),
     (dict(tool_choice="required"), "tool_choice"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}],
           tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),

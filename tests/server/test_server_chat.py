@@ -2,8 +2,8 @@
 
 Scripted outputs (see server_harness) make the model "say" exact text, so reasoning, content and
 DSML tool calls travel through the real detokenizer and output parser: thinking and chat mode
-splits, a full tool-call round trip (plain and streamed), tool_choice none / named / required,
-stop strings, n / seed / logprobs.
+splits, a full tool-call round trip (plain and streamed), tool_choice none, stop strings, n /
+seed / logprobs. Forced and strict tool calls are grammar-made: test_server_structured.
 """
 
 from __future__ import annotations
@@ -184,67 +184,6 @@ def test_tool_choice_none_and_no_tools_never_report_calls(client, script):
         msg = r.choices[0].message
         assert msg.tool_calls is None and r.choices[0].finish_reason == "stop"
         assert msg.content == "Sure." and DSML not in msg.content
-
-
-def test_tool_choice_named_forces_the_call(srv, client, script):
-    def model(p):
-        if p.endswith(f'invoke name="get_weather">\n<{D}parameter name="city" string="true">'):
-            return f"Rome</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>"
-        return "Thinking about it.</think>I will not call any tool." if "[named]" in p else None
-
-    script(model)
-    r = ask(client, "[named] weather?", tools=[WEATHER, TIME],
-            tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    choice = r.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    assert choice.message.reasoning_content == "Thinking about it."
-    assert choice.message.content is None
-    (call,) = choice.message.tool_calls
-    assert call.function.name == "get_weather" and call.function.arguments == '{"city": "Rome"}'
-    assert srv.wait_idle()
-
-
-def test_forced_call_streams_after_reasoning_that_ended_in_eos(srv, client, script):
-    def model(p):
-        if p.endswith(f'<{D}parameter name="city" string="true">'):
-            return f"Oslo</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>"
-        return "Hmm, no tool needed" if "[eos]" in p else None  # ends in EOS, no </think>
-
-    script(model)
-    stream = ask(client, "[eos] weather?", tools=[WEATHER], tool_choice="required", stream=True)
-    reasoning, args, names, finish = "", "", [], None
-    for chunk in stream:
-        delta = chunk.choices[0].delta
-        reasoning += getattr(delta, "reasoning_content", None) or ""
-        assert not delta.content
-        for tc in delta.tool_calls or []:
-            names += [tc.function.name] if tc.function.name else []
-            args += tc.function.arguments or ""
-        finish = chunk.choices[0].finish_reason or finish
-    assert reasoning == "Hmm, no tool needed" and names == ["get_weather"]
-    assert args == '{"city": "Oslo"}' and finish == "tool_calls"
-    assert EOS not in srv.runner.prompts[-1]  # the dropped EOS never reached the prompt
-
-
-def test_tool_choice_required_picks_a_declared_tool(srv, client, script):
-    def model(p):
-        if p.endswith('invoke name="'):
-            return 'get_tme">\n'  # misspelled: the closest declared tool is forced instead
-        return None
-
-    script(model)
-    r = ask(client, "[required] time?", tools=[WEATHER, TIME], tool_choice="required",
-            extra_body=NO_THINK)
-    (call,) = r.choices[0].message.tool_calls
-    assert call.function.name == "get_time" and call.function.arguments == "{}"
-    assert r.choices[0].finish_reason == "tool_calls"
-    script(None)  # the random model itself, within a small budget: still a declared call
-    r = ask(client, "[required] anything", tools=[WEATHER, TIME], tool_choice="required",
-            max_tokens=40, temperature=0)
-    calls = r.choices[0].message.tool_calls
-    assert calls and calls[0].function.name in ("get_weather", "get_time")
-    assert r.usage.completion_tokens <= 40
-    assert srv.wait_idle()
 
 
 def test_stop_strings_and_engine_release(srv, client, script):
