@@ -134,8 +134,8 @@ def test_raw_event_sequence(srv, script):
 
 
 def test_forced_tool_use_input_validates(srv, client):
-    """tool_choice any on the random model: the forced call's input fits input_schema
-    (string parameters: the forcing does not constrain values yet)."""
+    """tool_choice any on the random model: the forced call (generated under the tool-call
+    grammar) has an input that fits input_schema."""
     r = client.messages.create(model=MODEL, max_tokens=48, tools=[WEATHER], thinking=NO_THINK,
                                tool_choice={"type": "any"},
                                messages=[{"role": "user", "content": "Weather in Paris?"}])
@@ -171,8 +171,11 @@ def test_tool_use_then_tool_result_round_trip(srv, client, script):
         {"role": "tool", "tool_call_id": call.id, "content": "sunny\n\n21C"}])
 
 
-def test_named_tool_is_forced_in_thinking_mode(srv, client, script):
-    script(lambda p: "Weather it is." if thinks(p) else None)
+def test_named_tool_in_thinking_mode_comes_after_the_reasoning(srv, client, script):
+    """A named tool in thinking mode: the reasoning is free, the call under the tool-call
+    grammar follows it (the scripted model writes both; a reasoning that used up max_tokens
+    would leave no call, as the README says)."""
+    script(lambda p: "Weather it is.</think>" + CALL if thinks(p) else None)
     r = client.messages.create(model=MODEL, max_tokens=64, tools=[WEATHER],
                                tool_choice={"type": "tool", "name": "get_weather"},
                                messages=[{"role": "user", "content": "Paris?"}])
