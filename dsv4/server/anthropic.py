@@ -2,7 +2,7 @@
 
 A Messages body is converted by ``deepseek-recipe`` (``dsv4.server.recipe``) and written as the
 chat-completions request of the same conversation (``chat_body``), which ``prepare_chat``
-renders, tokenizes and runs: same encoder, same forced tool-call phases, same output parser.
+renders, tokenizes and runs: same encoder, same tool-call grammar, same output parser.
 Mapping: ``thinking`` {enabled | adaptive | disabled} -> thinking mode (absent: the server
 default); ``output_config.effort`` -> ``reasoning_effort``; ``budget_tokens`` is accepted (V4
 has no separate thinking budget: ``max_tokens`` caps reasoning and answer together);

@@ -3,7 +3,7 @@
 ``input`` (a string or items: messages, ``reasoning``, ``function_call``,
 ``function_call_output``) and ``instructions`` are converted by ``deepseek-recipe``
 (``dsv4.server.recipe``) and served as the chat-completions request of the same conversation:
-same encoder, same forced tool-call phases, same output parser. ``reasoning.effort`` is read
+same encoder, same tool-call grammar, same output parser. ``reasoning.effort`` is read
 exactly as chat completions reads it (``none`` turns thinking off; levels map to the
 checkpoint's effort profile); ``tool_choice`` auto / none / required / {"type": "function",
 "name"} -> the chat spelling; ``max_output_tokens`` -> ``max_tokens``.
