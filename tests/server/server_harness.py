@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 import uvicorn
 
 from dsv4.async_llm import AsyncLLM
@@ -145,3 +146,32 @@ def chat_prompt(srv: ServerHandle, **chat: Any) -> str:
     """The prompt /v1/chat/completions renders for ``chat`` (a one-token request)."""
     srv.client().chat.completions.create(model=MODEL, max_tokens=1, **chat)
     return srv.runner.prompts[-1]
+
+
+def module_server(**handle_args: Any) -> Any:
+    """A module-scoped ``srv`` fixture: one ServerHandle(**handle_args) for the test module
+    (``srv = module_server()`` at module level)."""
+
+    @pytest.fixture(scope="module")
+    def srv(tmp_path_factory: pytest.TempPathFactory) -> Any:
+        handle = ServerHandle(tmp_path_factory.getbasetemp(), **handle_args)
+        yield handle
+        handle.stop()
+
+    return srv
+
+
+@pytest.fixture
+def client(srv: ServerHandle) -> openai.OpenAI:
+    """The openai client of the module's server (import it to use it)."""
+    return srv.client()
+
+
+@pytest.fixture
+def script(srv: ServerHandle) -> Any:
+    """Sets the module server's script for one test; cleared after it."""
+    def set_script(fn: Callable[[str], str | None] | None) -> None:
+        srv.runner.script = fn
+
+    yield set_script
+    srv.runner.script = None

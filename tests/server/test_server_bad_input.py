@@ -11,7 +11,7 @@ import logging
 
 import httpx
 import pytest
-from server_harness import ServerHandle
+from server_harness import module_server  # noqa: F401 (fixtures)
 
 from dsv4.server import validation
 
@@ -24,11 +24,7 @@ ASSISTANT_CALL = {"role": "assistant", "content": None, "tool_calls": [CALL]}
 RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "21C"}
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    handle = ServerHandle(tmp_path_factory.getbasetemp())
-    yield handle
-    handle.stop()
+srv = module_server()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import json
 
 import openai
 import pytest
-from server_harness import MODEL, ServerHandle
+from server_harness import MODEL, client, module_server, script  # noqa: F401 (fixtures)
 
 from dsv4.encoding import ASSISTANT, DSML, EOS, THINK_CLOSE, THINK_OPEN
 
@@ -31,25 +31,7 @@ CALL = (f'\n\n<{D}tool_calls>\n<{D}invoke name="get_weather">\n'
 NO_THINK = {"thinking": {"type": "disabled"}}
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    handle = ServerHandle(tmp_path_factory.getbasetemp())
-    yield handle
-    handle.stop()
-
-
-@pytest.fixture
-def client(srv):
-    return srv.client()
-
-
-@pytest.fixture
-def script(srv):
-    def set_script(fn):
-        srv.runner.script = fn
-
-    yield set_script
-    srv.runner.script = None
+srv = module_server()
 
 
 def ask(client, text, **kw):

@@ -13,7 +13,8 @@ import json
 import anthropic
 import httpx
 import pytest
-from server_harness import MODEL, ServerHandle, chat_prompt, thinks
+from server_harness import (  # noqa: F401 (fixtures)
+    MODEL, ServerHandle, chat_prompt, module_server, script, thinks)
 
 from dsv4.encoding import DSML
 
@@ -32,25 +33,12 @@ HI = [{"role": "user", "content": "Hi"}]
 NO_THINK = {"type": "disabled"}
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    handle = ServerHandle(tmp_path_factory.getbasetemp(), api_key=KEY)
-    yield handle
-    handle.stop()
+srv = module_server(api_key=KEY)
 
 
 @pytest.fixture
 def client(srv):
     return anthropic.Anthropic(base_url=srv.url, api_key=KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture
-def script(srv):
-    def set_script(fn):
-        srv.runner.script = fn
-
-    yield set_script
-    srv.runner.script = None
 
 
 def test_plain_message_thinks_by_default(srv, client, script):

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import re
 
-import pytest
-from server_harness import MODEL, ServerHandle
+from server_harness import MODEL, module_server, script  # noqa: F401 (fixtures)
 
 from dsv4.encoding import DSML
 
@@ -32,20 +31,7 @@ def call(city: str) -> str:
             f'</{D}invoke>\n</{D}tool_calls>')
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    handle = ServerHandle(tmp_path_factory.getbasetemp())
-    yield handle
-    handle.stop()
-
-
-@pytest.fixture
-def script(srv):
-    def set_script(fn):
-        srv.runner.script = fn
-
-    yield set_script
-    srv.runner.script = None
+srv = module_server()
 
 
 def engine_hits(srv) -> tuple[int, int]:

@@ -11,7 +11,8 @@ import json
 
 import openai
 import pytest
-from server_harness import MODEL, ServerHandle, chat_prompt, thinks
+from server_harness import (  # noqa: F401 (fixtures)
+    MODEL, chat_prompt, client, module_server, script, thinks)
 
 from dsv4.encoding import DSML
 
@@ -27,25 +28,7 @@ CALL = (f'\n\n<{D}tool_calls>\n<{D}invoke name="get_weather">\n'
 OFF = {"effort": "none"}
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    handle = ServerHandle(tmp_path_factory.getbasetemp())
-    yield handle
-    handle.stop()
-
-
-@pytest.fixture
-def client(srv):
-    return srv.client()
-
-
-@pytest.fixture
-def script(srv):
-    def set_script(fn):
-        srv.runner.script = fn
-
-    yield set_script
-    srv.runner.script = None
+srv = module_server()
 
 
 def test_text_with_instructions(srv, client, script):

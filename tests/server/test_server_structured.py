@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
-from server_harness import MODEL, ServerHandle
+from server_harness import MODEL, client, module_server  # noqa: F401 (fixtures)
 
 THINK_CLOSE_ID = "128822"  # </think>: biased in thinking mode so the random model answers soon
 PERSON = {
@@ -40,16 +40,7 @@ RF = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
 NO_THINK = {"thinking": {"type": "disabled"}}
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    handle = ServerHandle(tmp_path_factory.getbasetemp(), max_num_seqs=8)
-    yield handle
-    handle.stop()
-
-
-@pytest.fixture
-def client(srv):
-    return srv.client()
+srv = module_server(max_num_seqs=8)
 
 
 def chat(client, thinking=False, stream=False, **kw):
