@@ -355,7 +355,10 @@ class BlockManager:
         a chain of its own (only requests with the same salt share blocks)."""
         if self.hash_seed is None:
             raise RuntimeError("prefix caching is off: no block hashes")
-        seed = self.hash_seed if salt is None else block_hash.hash_seed(self.hash_seed.hex(), salt)
+        seed = b""  # the seed only starts a chain: unused once hashes has one, or without a block
+        if not hashes and len(token_ids) >= self.block_size:
+            seed = self.hash_seed if salt is None else block_hash.hash_seed(self.hash_seed.hex(),
+                                                                            salt)
         return block_hash.extend_block_hashes(hashes, seed, token_ids, self.block_size)
 
     def find_cached_prefix(self, hashes: Sequence[bytes], max_tokens: int) -> CachedPrefix:

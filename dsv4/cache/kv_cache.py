@@ -219,17 +219,13 @@ class _CompressorStore:
             view.observed[(self.key, self.layer)] = (start, kv[0], score[0])
         if self.key not in cache.boundaries:
             return
-        first, per_block = start // m, cache.block_size // m  # windows per block
-        # complete windows i with (first + i + 1) % per_block == 0: every per_block-th
-        picks = list(range(-(first + 1) % per_block, kv.shape[1] // m, per_block))
-        if not picks:
+        n_win = kv.shape[1] // m
+        ends = view.block_end_windows(start // m, n_win, m)
+        if ends is None:
             return
-        logical = [(first + i + 1) // per_block - 1 for i in picks]
-        blocks = view.tables["swa"][torch.tensor(logical, device=cache.device)
-                                    - view.swa_offset]
-        windows = kv[0, :kv.shape[1] // m * m].unflatten(0, (-1, m))
-        scores = score[0, :kv.shape[1] // m * m].unflatten(0, (-1, m))
-        index = torch.tensor(picks, device=cache.device)
+        index, blocks = ends
+        windows = kv[0, :n_win * m].unflatten(0, (n_win, m))
+        scores = score[0, :n_win * m].unflatten(0, (n_win, m))
         cache.keep_boundaries(self.key, self.layer, blocks, windows[index], scores[index])
 
     def append(self, entries: torch.Tensor) -> None:
@@ -286,6 +282,7 @@ class RequestView:
                              if key.startswith("csa")}
         self._window: dict[tuple[int, int], torch.Tensor] = {}
         self._entries: dict[tuple[str, int, int, int], torch.Tensor] = {}
+        self._block_ends: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def window_slots(self, begin: int, end: int) -> torch.Tensor:
         """Flat swa slots of positions [begin, end)."""
@@ -303,6 +300,25 @@ class RequestView:
             ids = torch.arange(first, first + count, device=self.cache.device)
             self._entries[key] = _slots(self.tables[kind], ids, per_block)
         return self._entries[key]
+
+    def block_end_windows(self, first: int, count: int, ratio: int
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Of windows first .. first + count - 1 (``ratio`` tokens each), those that end a cache
+        block: (their index among the count, the swa block they end); None when none does.
+        The same for every CSA layer (and the indexer keys), so built once a step."""
+        key = (first, count, ratio)
+        if key not in self._block_ends:
+            per_block = self.cache.block_size // ratio  # windows per block
+            # windows i with (first + i + 1) % per_block == 0: every per_block-th
+            picks = list(range(-(first + 1) % per_block, count, per_block))
+            found = None
+            if picks:
+                logical = [(first + i + 1) // per_block - 1 for i in picks]
+                dev = self.cache.device
+                found = (torch.tensor(picks, device=dev),
+                         self.tables["swa"][torch.tensor(logical, device=dev) - self.swa_offset])
+            self._block_ends[key] = found
+        return self._block_ends[key]
 
     def layer(self, layer: int) -> _LayerStore:
         return _LayerStore(self, layer)
