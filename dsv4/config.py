@@ -132,6 +132,14 @@ class ModelConfig:
     def nope_head_dim(self) -> int:
         return self.head_dim - self.qk_rope_head_dim
 
+    @property
+    def drafter(self) -> str | None:
+        """The checkpoint's draft module: "mtp" (V4's MTP block), "dspark" (the -0731
+        releases' DSpark drafter, named by dspark_* keys in config.json) or None."""
+        if any(key.startswith("dspark_") for key in self.extra):
+            return "dspark"
+        return "mtp" if self.num_nextn_predict_layers > 0 else None
+
     def is_hash_layer(self, layer_id: int) -> bool:
         return layer_id < self.num_hash_layers
 

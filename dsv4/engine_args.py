@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,10 @@ class EngineArgs:
     enable_prefix_caching: bool = field(default=True, metadata=_opt(
         "reuse the cache of a prompt's longest cached prefix (whole blocks, every cache kind); "
         "--no-enable-prefix-caching turns it off"))
+    speculative_config: dict[str, Any] | str | None = field(default=None, metadata=_opt(
+        'speculative decoding, as JSON: {"method": "mtp", "num_speculative_tokens": K} '
+        "(vLLM's spelling): V4's MTP block drafts K tokens per step, verified in one batched "
+        "step; off by default", metavar="JSON"))
     tensor_parallel_size: int = field(default=1, metadata=_opt(
         "ranks that split attention heads, indexer heads, output groups, embedding and head "
         "(and, with the data-parallel ranks, the routed experts); one process per rank, "
@@ -168,6 +173,7 @@ class EngineArgs:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        self.speculative_config = speculative_config_dict(self.speculative_config)
         self.parallel_config()  # a layout that cannot exist fails here, naming the sizes
         if not isinstance(self.dist_timeout, (int, float)) or self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be a positive number of seconds, got "
@@ -247,6 +253,12 @@ class EngineArgs:
 
         run_worker_node(self, self.parallel_config(), self.launch_plan(), self.dist_timeout)
 
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Draft tokens per step (0: speculation off)."""
+        spec = self.speculative_config
+        return int(spec["num_speculative_tokens"]) if spec else 0
+
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size,
                               self.enable_expert_parallel, self.expert_parallel_size or 0)
@@ -257,7 +269,7 @@ class EngineArgs:
         memory_sharers: ranks of a multi-process engine that share this device's memory (the
         CPU ranks of a node); each takes its part of the utilization. With several ranks every
         one profiles, so the profiling forward's collectives meet."""
-        from dsv4.cache.block_manager import BlockManager
+        from dsv4.cache.block_manager import BlockManager, num_mtp_layers
         from dsv4.cache.spec import build_cache_specs
         from dsv4.engine.engine_config import MAX_MODEL_LEN, EngineConfig
         from dsv4.engine.memory import kv_cache_budget, profile_forward_peak
@@ -282,12 +294,17 @@ class EngineArgs:
             max_num_batched_tokens=self.max_num_batched_tokens or (8192 if cuda else 2048),
             block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
             kv_cache_dtype=kv, index_cache_dtype=index, compressor_state_dtype=state,
-            enable_prefix_caching=self.enable_prefix_caching)
+            enable_prefix_caching=self.enable_prefix_caching,
+            num_speculative_tokens=self.num_speculative_tokens)
         config.check_model(model.config)
+        if config.num_speculative_tokens and not model.mtp:
+            raise ValueError("--speculative-config needs the checkpoint's MTP block (mtp.0.*), "
+                             "and this checkpoint has none")
         if config.kv_cache_memory is not None:
             return config
         specs = build_cache_specs(model.config, kv, index, state,
-                                  prefix_caching=self.enable_prefix_caching)
+                                  prefix_caching=self.enable_prefix_caching,
+                                  num_mtp_layers=num_mtp_layers(model.config, config))
         needed = BlockManager.memory_needed(specs, config)
 
         def profile() -> int:
@@ -304,6 +321,45 @@ class EngineArgs:
         budget = kv_cache_budget(device, needed, utilization / memory_sharers, profile,
                                  always_profile=model.parallel.config.world_size > 1)
         return config.replace(kv_cache_memory=budget)
+
+
+SPECULATIVE_METHODS = ("mtp", "deepseek_mtp")  # vLLM names V4's MTP drafter both ways
+MAX_SPECULATIVE_TOKENS = 8
+
+
+def speculative_config_dict(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """``--speculative-config`` (a JSON object or a dict) checked and normalized to
+    {"method": "mtp", "num_speculative_tokens": K}; None (or {}) when off. ValueError names the
+    field at fault."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+    unknown = sorted(set(value) - {"method", "num_speculative_tokens", "model"})
+    if unknown:
+        raise ValueError(f"speculative_config: unknown field(s) {', '.join(unknown)} (known: "
+                         f"method, num_speculative_tokens)")
+    method = value.get("method", "mtp")
+    if method == "dspark":
+        raise ValueError("speculative_config: the DSpark drafter of the -0731 checkpoints is "
+                         "not supported yet; use method \"mtp\" with a checkpoint that has "
+                         "an MTP block")
+    if method not in SPECULATIVE_METHODS:
+        raise ValueError(f"speculative_config.method must be one of "
+                         f"{', '.join(SPECULATIVE_METHODS)}, got {method!r}")
+    k = value.get("num_speculative_tokens")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(f"speculative_config.num_speculative_tokens must be an integer in "
+                         f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+    if value.get("model") is not None:
+        raise ValueError("speculative_config.model: the MTP drafter is the checkpoint's own "
+                         "block; a separate draft model is not supported")
+    return {"method": "mtp", "num_speculative_tokens": k}
 
 
 def _cli_bytes(text: str) -> int:

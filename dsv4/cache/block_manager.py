@@ -30,7 +30,7 @@ from dsv4.cache.block_pool import NULL_BLOCK_ID, BlockPool
 from dsv4.cache.spec import CacheKind, CacheSpec, build_cache_specs, state_bytes_per_seq
 from dsv4.config import ModelConfig
 
-__all__ = ["BlockManager", "CacheSizing", "CachedPrefix", "NO_PREFIX"]
+__all__ = ["BlockManager", "CacheSizing", "CachedPrefix", "NO_PREFIX", "num_mtp_layers"]
 
 
 class CacheSizing(Protocol):
@@ -54,8 +54,16 @@ class CacheSizing(Protocol):
     def compressor_state_dtype(self) -> str: ...
     @property
     def enable_prefix_caching(self) -> bool: ...
+    @property
+    def num_speculative_tokens(self) -> int: ...
 
 logger = logging.getLogger(__name__)
+
+
+def num_mtp_layers(model_config: ModelConfig, engine_config: CacheSizing) -> int:
+    """MTP layers whose sliding window the cache holds: the model's, when speculating."""
+    speculating = getattr(engine_config, "num_speculative_tokens", 0) > 0
+    return model_config.num_nextn_predict_layers if speculating else 0
 
 
 # With prefix caching, every request slot brings this many more swa blocks to the pool. A cached
@@ -145,6 +153,7 @@ class BlockManager:
         specs = build_cache_specs(
             model_config, engine_config.kv_cache_dtype, engine_config.index_cache_dtype,
             engine_config.compressor_state_dtype, prefix_caching=caching,
+            num_mtp_layers=num_mtp_layers(model_config, engine_config),
         )
         num_blocks, num_slots = cls.plan(specs, engine_config)
         seed = None

@@ -2,7 +2,7 @@
 
 Layout, per kind, one tensor over all layers of that kind (B = block_size, r = ratio):
 
-    swa       [num_layers, num_swa_blocks, B, D]       every layer's window KV, by token
+    swa       [num_layers (+ MTP), num_swa_blocks, B, D] every layer's window KV, by token
     csa       [n_csa, num_csa_blocks, B/4, D]          main compressed entries
     csa_index [n_csa, num_csa_blocks, B/4, D_index]    indexer keys
     hca       [n_hca, num_hca_blocks, B/r, D]
@@ -83,7 +83,9 @@ class KVCache:
             return (torch.zeros(*shape, dtype=sdt, device=self.device),
                     torch.zeros(*shape, dtype=sdt, device=self.device))
 
-        self.swa = entries(main, len(kinds), pools["swa"].num_blocks, bs)
+        # the trunk's layers, then the MTP block's (speculative decoding) when the swa spec has it
+        num_window_layers = len(block_manager.specs["swa"].layer_ids)
+        self.swa = entries(main, num_window_layers, pools["swa"].num_blocks, bs)
         self.entries: dict[str, torch.Tensor] = {}
         self.states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if counts["csa"]:
@@ -123,7 +125,9 @@ class KVCache:
                           store: Callable[[_Owner, str, int, int], _Store]
                           ) -> tuple[_Store | None, _Store | None]:
         """(main, indexer) compressor stores of `layer` built as store(owner, key, index, ratio);
-        None where the layer has none."""
+        None where the layer has none (an MTP layer, after the trunk's, has none)."""
+        if layer >= len(self.kind_index):
+            return None, None
         kind, k = self.config.layer_kinds[layer], self.kind_index[layer]
         if kind == "csa":
             return store(owner, "csa", k, 4), store(owner, "csa_index", k, 4)

@@ -58,6 +58,12 @@ class ScheduledBatch:
     # rejected (speculative decoding); the runner keeps what rolling them back needs. Empty or
     # 0: none
     num_draft_tokens: list[int] = field(default_factory=list)
+    # speculative decoding (empty lists when off), per request: how many draft tokens the
+    # runner's MTP block proposes for the row's next step (0: none; its blocks were allocated
+    # for the draft positions past this step), and the known token after the scheduled ones
+    # (-1 where the step samples it): the MTP block reads (stream at p, token at p + 1)
+    num_propose_tokens: list[int] = field(default_factory=list)
+    next_token_ids: list[int] = field(default_factory=list)
     # True when the request's last scheduled token is its last known token: sample one token
     # from the logits at that position. False for a prefill chunk that does not end the prompt.
     do_sample: list[bool] = field(default_factory=list)
@@ -78,6 +84,9 @@ class ScheduledBatch:
     output_token_ids: list[list[int]] = field(default_factory=list)
     # per request: its EOS id (masked with stop_token_ids while it is short of min_tokens)
     eos_token_ids: list[int | None] = field(default_factory=list)
+    # speculating engines: the seed of the step's unseeded draws (acceptance tests, noise), so
+    # every rank of a tensor-parallel group accepts the same drafts; None: the global RNG
+    step_seed: int | None = None
     # token masks of the rows under a grammar (set by the engine before the step; all ranks);
     # a single-process engine gives a Future of them, computed while the model runs
     grammar: GrammarMask | Future | None = None
@@ -109,11 +118,16 @@ class ScheduledBatch:
         return [p for start, ids in zip(self.num_computed_tokens, self.token_ids, strict=True)
                 for p in range(start, start + len(ids))]
 
+    def num_drafts(self, i: int) -> int:
+        """Draft tokens among row i's scheduled tokens."""
+        return self.num_draft_tokens[i] if self.num_draft_tokens else 0
+
     def logits_indices(self) -> list[int]:
-        """Flat token index whose logits each sampling row needs (its last scheduled token)."""
+        """Flat token indices whose logits the sampling rows need, row after row: the last
+        scheduled token, and for a row with k drafts the k + 1 positions that verify them."""
         out, end = [], 0
-        for ids, sample in zip(self.token_ids, self.do_sample, strict=True):
+        for i, (ids, sample) in enumerate(zip(self.token_ids, self.do_sample, strict=True)):
             end += len(ids)
             if sample:
-                out.append(end - 1)
+                out.extend(range(end - 1 - self.num_drafts(i), end))
         return out

@@ -33,6 +33,8 @@ class EngineConfig:
     # fp8 -> fp4, otherwise the same as kv_cache_dtype
     compressor_state_dtype: str = "fp32"  # "fp32" | "bf16" | "fp64"
     enable_prefix_caching: bool = True  # reuse cached prefixes (whole blocks, every kind)
+    # draft tokens the MTP block proposes per decoding request and step (0: no speculation)
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -41,6 +43,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len > MAX_MODEL_LEN:
             raise ValueError(f"max_model_len must be <= {MAX_MODEL_LEN}, got {self.max_model_len}")
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 0, got "
+                             f"{self.num_speculative_tokens!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive bytes, got {self.kv_cache_memory}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -56,6 +61,14 @@ class EngineConfig:
 
     def check_model(self, model_config: ModelConfig) -> None:
         """Raise ValueError when this engine config cannot serve ``model_config``."""
+        if self.num_speculative_tokens:
+            if model_config.drafter == "dspark":
+                raise ValueError(
+                    "this checkpoint drafts with DSpark (dspark_* keys in config.json), which "
+                    "dsv4 does not support yet; serve it without --speculative-config")
+            if model_config.num_nextn_predict_layers < 1:
+                raise ValueError("speculative decoding with MTP needs the model's MTP block "
+                                 "(num_nextn_predict_layers >= 1); this config has none")
         if self.max_model_len > model_config.max_position_embeddings:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's "

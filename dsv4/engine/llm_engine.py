@@ -69,7 +69,8 @@ class LLMEngine:
         self.block_manager = self.scheduler.block_manager
         self.runner = ModelRunner(model, self.block_manager, engine_config.kv_cache_dtype,
                                   engine_config.index_cache_dtype,
-                                  engine_config.compressor_state_dtype)
+                                  engine_config.compressor_state_dtype,
+                                  engine_config.num_speculative_tokens)
         info = self.cache_info()
         logger.info("KV cache: %.2f GiB (%s entries, %s indexer keys) holds %d tokens over %d "
                     "running requests at most; %.1f B/token, %.2f GiB per %d-token sequence",
@@ -209,16 +210,19 @@ class LLMEngine:
     def _finish_step(self, scheduler: Scheduler, batch: ScheduledBatch, result: StepResult
                      ) -> list[EngineOutput]:
         """Apply one group's step result: logprobs, counters, the scheduler's update."""
-        sampled, out, prompt_lps = result
+        sampled, out, prompt_lps, drafts = result
         for request_id, (start, t) in prompt_lps.items():
             self._collect_prompt_logprobs(request_id, start, t)
         self._num_prompt_tokens += sum(  # prompt positions computed this step
             max(0, min(len(ids), len(prompt) - start))
             for prompt, start, ids in zip(batch.prompt_token_ids, batch.num_computed_tokens,
                                           batch.token_ids))
-        step_outputs = scheduler.update_from_output(batch, sampled)
+        step_outputs = scheduler.update_from_output(batch, sampled, draft_token_ids=drafts)
         self._num_generation_tokens += sum(len(so.new_token_ids) for so in step_outputs)
-        rows = {batch.req_ids[r]: k for k, r in enumerate(batch.sample_indices)}
+        rows, first = {}, 0  # request id -> its first logprobs row (one per new token)
+        for i in batch.sample_indices:
+            rows[batch.req_ids[i]] = first
+            first += len(sampled[i])
         return self._convert(step_outputs, out, rows)
 
     def failure(self) -> str | None:
@@ -263,7 +267,8 @@ class LLMEngine:
             k = (rows or {}).get(so.request_id)
             if (out is not None and out.logprobs is not None and k is not None
                     and so.new_token_ids and params.logprobs is not None):
-                lps = _token_logprobs(out.logprobs, slice(k, k + 1), params.logprobs)
+                lps = _token_logprobs(out.logprobs, slice(k, k + len(so.new_token_ids)),
+                                      params.logprobs)
             prompt_lps = None
             if so.new_token_ids and so.request_id in self._prompt_lps:
                 prompt_lps = [None, *self._prompt_lps.pop(so.request_id)]

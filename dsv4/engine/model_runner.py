@@ -7,17 +7,27 @@ attention segment reading its own window and compressed entries through its bloc
 Logits are computed only for the rows that sample, plus the prompt positions of requests that
 ask for prompt_logprobs (in slices of _PROMPT_LOGITS_ROWS rows, so a long chunk never holds
 [chunk, vocab] logits at once).
+
+With speculative decoding on (``num_speculative_tokens`` K), a decode row may carry drafts: it
+is verified in the same forward (logits at each of its k + 1 positions, ``RejectionSampler``),
+its rejected drafts are rolled back in the compressor state, and the MTP block
+(``MTPProposer``) then drafts the next step's tokens for every sampling row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 from dsv4.cache.block_manager import BlockManager
-from dsv4.cache.kv_cache import DecodeGroup, KVCache, RequestView
+from dsv4.cache.kv_cache import KVCache, RequestView
 from dsv4.engine.batch import ScheduledBatch
+from dsv4.engine.mtp_proposer import MTPProposer
+from dsv4.engine.rejection_sampler import RejectionSampler, VerifyLayout
 from dsv4.engine.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata
-from dsv4.model.attention import DecodeRows, Segment
+from dsv4.engine.step_layout import StepLayout
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
 __all__ = ["ModelRunner", "PromptLogprobs", "StepResult"]
@@ -27,93 +37,109 @@ _PROMPT_LOGITS_ROWS = 256
 # per request id: (first prompt position scored, LogprobsTensors whose column 0 is the prompt
 # token that follows each scored position)
 PromptLogprobs = dict[str, tuple[int, LogprobsTensors]]
-# what one step of a batch gives: new token ids per row, the sampler's output, prompt logprobs
-StepResult = tuple[list[list[int]], SamplerOutput | None, PromptLogprobs]
+
+
+class StepResult(NamedTuple):
+    """What one step of a batch gives."""
+
+    sampled: list[list[int]]  # new token ids per row
+    output: SamplerOutput | None  # logprobs: one row per new token, row after row
+    prompt_logprobs: PromptLogprobs
+    drafts: list[list[int]]  # per row, drafts for its next step (speculative decoding)
 
 
 class ModelRunner:
     def __init__(self, model: DeepseekV4ForCausalLM, block_manager: BlockManager,
                  kv_cache_dtype: str = "fp32", index_cache_dtype: str | None = None,
-                 state_dtype: str = "fp32") -> None:
+                 state_dtype: str = "fp32", num_speculative_tokens: int = 0) -> None:
         self.model = model
         self.device = model.embed.weight.device
         self.kv_cache = KVCache(model.config, block_manager, self.device, model.compute_dtype,
                                 kv_cache_dtype, index_cache_dtype, state_dtype)
         self.sampler = Sampler()
+        self.rejection_sampler = RejectionSampler(self.sampler)
+        self.proposer = (MTPProposer(model, num_speculative_tokens)
+                         if num_speculative_tokens else None)
+        # a test hook: (request id, its token ids so far, drafts proposed) -> drafts to use
+        self.draft_override: Callable[[str, list[int], list[int]], list[int]] | None = None
         # the last step's rows with draft tokens, by request id, until rollback() or the next step
         self.speculative: dict[str, RequestView] = {}
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        """Run one step; returns new token ids per row ([] for rows that do not sample), the
-        sampler's output and the prompt logprobs of this step's prompt positions."""
+        """Run one step; returns new token ids per row ([] for rows that do not sample; a row
+        that verified drafts gets its accepted drafts and one more), the sampler's output
+        (logprobs one row per new token, row after row), the prompt logprobs of this step's
+        prompt positions, and the drafts proposed for each row's next step."""
         if batch.is_empty:
             if self.model.parallel.dp.size > 1:  # another data-parallel group has work: the
                 # MoE layers need this rank in their collectives all the same
                 self.model.run_layers(torch.zeros(1, 0, dtype=torch.long, device=self.device),
                                       lambda layer: [])
-            return [], None, {}
+                if self.proposer is not None:
+                    self.proposer.idle()
+            return StepResult([], None, {}, [])
         flat = [t for ids in batch.token_ids for t in ids]
         input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
         starts_cached = [i for i, block in enumerate(batch.boundary_blocks) if block]
         if starts_cached:  # requests that start after a cached prefix: its CSA state
             self.kv_cache.load_boundaries([batch.state_slots[i] for i in starts_cached],
                                           [batch.boundary_blocks[i] for i in starts_cached])
-        def tables(i: int) -> dict[str, list[int]]:
-            return {kind: batch.block_tables[kind][i] for kind in batch.block_tables}
-
-        views, bounds, begin = [], [], 0
-        self.speculative = {}
-        single: list[int] = []  # rows with one token: attended together (DecodeRows)
-        starts: list[int] = []  # their token's place on the flat axis
-        for i in range(batch.num_reqs):
-            n = len(batch.token_ids[i])
-            if n == 1:
-                single.append(i)
-                starts.append(begin)
-            else:
-                drafts = batch.num_draft_tokens[i] if batch.num_draft_tokens else 0
-                views.append(RequestView(self.kv_cache, tables(i), batch.swa_block_offsets[i],
-                                         batch.state_slots[i], batch.num_computed_tokens[i],
-                                         speculative=drafts > 0))
-                if drafts:
-                    self.speculative[batch.req_ids[i]] = views[-1]
-                bounds.append((begin, begin + n))
-            begin += n
-        group = decode_index = None
-        if single:
-            decode_index = torch.tensor(starts, dtype=torch.long, device=self.device)
-            group = DecodeGroup(
-                self.kv_cache, [tables(i) for i in single],
-                [batch.swa_block_offsets[i] for i in single], [batch.state_slots[i] for i in single],
-                [batch.num_computed_tokens[i] for i in single])
-
-        def layer_segments(layer: int) -> list[Segment | DecodeRows]:
-            segs: list[Segment | DecodeRows] = [
-                Segment(b, e, v.start_pos, v.layer(layer)) for (b, e), v in zip(bounds, views)]
-            if group is not None:
-                segs.append(DecodeRows(decode_index, group.positions, group.layer(layer)))
-            return segs
-
-        h = self.model.run_layers(input_ids, layer_segments)
+        layout = StepLayout(batch, self.kv_cache)
+        self.speculative = layout.speculative
+        h = self.model.run_layers(input_ids, layout.segments)
         prompt_lps = self._prompt_logprobs(batch, h)
         rows = batch.sample_indices
-        if not rows:
-            return [[] for _ in range(batch.num_reqs)], None, prompt_lps
-        index = torch.tensor(batch.logits_indices(), dtype=torch.long, device=self.device)
-        logits = self.model.logits(h[:, index])[0]  # [num_sampling_rows, vocab]
-        meta = SamplingMetadata.from_batch(batch, self.device, self.model.config.vocab_size)
-        out = self.sampler(logits, meta)
-        sampled = out.sampled_token_ids.tolist()
         result: list[list[int]] = [[] for _ in range(batch.num_reqs)]
-        for row, token in zip(rows, sampled):
-            result[row] = [token]
-        return result, out, prompt_lps
+        out = None
+        if rows:
+            index = torch.tensor(batch.logits_indices(), dtype=torch.long, device=self.device)
+            logits = self.model.logits(h[:, index])[0]  # [sampled positions, vocab]
+            vocab = self.model.config.vocab_size
+            if self.proposer is None:
+                meta = SamplingMetadata.from_batch(batch, self.device, vocab)
+                out = self.sampler(logits, meta)
+                for row, token in zip(rows, out.sampled_token_ids.tolist()):
+                    result[row] = [token]
+            else:
+                verify = VerifyLayout.of(batch)
+                meta = verify.metadata(batch, self.device, vocab, batch.step_seed)
+                tokens, logprobs = self.rejection_sampler(logits, meta, verify)
+                for row, new in zip(rows, tokens):
+                    result[row] = new
+                out = SamplerOutput(torch.tensor([t for new in tokens for t in new]), logprobs)
+        drafts: list[list[int]] = []
+        if self.proposer is not None:
+            kept = [len(ids) - batch.num_drafts(i) + max(0, len(result[i]) - 1)
+                    for i, ids in enumerate(batch.token_ids)]
+            for i, view in layout.views.items():  # forget the rejected drafts' state
+                if view.observed is not None and kept[i] < len(batch.token_ids[i]):
+                    view.rollback(batch.num_computed_tokens[i] + kept[i])
+            nxt = [result[i][-1] if result[i] else batch.next_token_ids[i]
+                   for i in range(batch.num_reqs)]
+            drafts = self.proposer.propose(batch, layout, h, kept, nxt)
+            if self.draft_override is not None:
+                drafts = self._override(batch, result, drafts)
+        return StepResult(result, out, prompt_lps, drafts)
+
+    def _override(self, batch: ScheduledBatch, result: list[list[int]],
+                  drafts: list[list[int]]) -> list[list[int]]:
+        """The test hook's drafts (same count as proposed) for every proposing row."""
+        out = []
+        for i, proposed in enumerate(drafts):
+            if not proposed:
+                out.append(proposed)
+                continue
+            so_far = [*batch.prompt_token_ids[i], *batch.output_token_ids[i], *result[i]]
+            forced = list(self.draft_override(batch.req_ids[i], so_far, proposed))
+            out.append(forced[:len(proposed)])
+        return out
 
     def rollback(self, request_id: str, end: int) -> None:
         """Forget the last step's tokens of a speculative row from position ``end`` on (its
         rejected drafts): the compressor state becomes what computing only [0, end) leaves.
-        The scheduler sets the request's num_computed_tokens to ``end`` likewise."""
+        ``execute`` does this itself for the drafts its verification rejects; the scheduler
+        sets the request's num_computed_tokens to ``end`` likewise."""
         self.speculative[request_id].rollback(end)
 
     def _prompt_logprobs(self, batch: ScheduledBatch, h: torch.Tensor) -> PromptLogprobs:

@@ -72,6 +72,8 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.num_cached_tokens: int | None = None
         self.boundary_block = 0
+        # speculative decoding: the draft tokens proposed for the next step (verified there)
+        self.spec_token_ids: list[int] = []
 
     # ---- sizes -----------------------------------------------------------------------------
     @property

@@ -25,6 +25,7 @@ from dsv4.sampling_params import SamplingParams
 __all__ = ["LogprobsTensors", "Sampler", "SamplerOutput", "SamplingMetadata"]
 
 _MASK64 = (1 << 64) - 1
+_UNIFORM_STREAM = 0x5DEECE66D  # sets a seeded row's acceptance draws apart from its noise
 
 
 def _mix_seed(seed: int, index: int) -> int:
@@ -60,6 +61,9 @@ class SamplingMetadata:
     # rows under a grammar and their [rows, ceil(vocab / 32)] int32 allowed-token bitmasks
     grammar_rows: torch.Tensor | None = None
     grammar_bitmask: torch.Tensor | None = None
+    # unseeded rows draw from a generator seeded with this instead of the global RNG (the
+    # ranks of a speculating tensor-parallel group must accept the same drafts); None: global
+    step_seed: int | None = None
 
     @classmethod
     def build(
@@ -179,12 +183,7 @@ class Sampler:
         logits = logits.float()  # [num_reqs, vocab_size]
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if metadata.max_num_logprobs is not None else None)
-        if metadata.bias is not None or metadata.min_tokens_mask is not None:
-            logits = self.apply_bias_and_min_tokens(logits, metadata)
-        if metadata.presence_penalty is not None:
-            logits = self.apply_penalties(logits, metadata)
-        if metadata.grammar_rows is not None:
-            logits = self.apply_grammar(logits, metadata.grammar_rows, metadata.grammar_bitmask)
+        logits = self.process(logits, metadata)
         greedy_ids = logits.argmax(dim=-1)
         if metadata.all_greedy:
             sampled = greedy_ids
@@ -197,6 +196,17 @@ class Sampler:
         return SamplerOutput(sampled, out_logprobs)
 
     # ---- pieces (public for tests and for the spec-decode verifier) ------------------------
+    def process(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """logit_bias, min_tokens, penalties and grammar masks applied to fp32 logits: the
+        distribution every row samples from before temperature."""
+        if metadata.bias is not None or metadata.min_tokens_mask is not None:
+            logits = self.apply_bias_and_min_tokens(logits, metadata)
+        if metadata.presence_penalty is not None:
+            logits = self.apply_penalties(logits, metadata)
+        if metadata.grammar_rows is not None:
+            logits = self.apply_grammar(logits, metadata.grammar_rows, metadata.grammar_bitmask)
+        return logits
+
     @staticmethod
     def apply_bias_and_min_tokens(logits: torch.Tensor, metadata: SamplingMetadata
                                   ) -> torch.Tensor:
@@ -266,24 +276,43 @@ class Sampler:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
-    def sample_random(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    def probabilities(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """The distribution a non-greedy row samples from: temperature, then min-p, top-k and
+        top-p over processed logits."""
         logits = logits / metadata.temperature[:, None]
         logits = self.apply_top_k_top_p_min_p(logits, metadata)
-        probs = torch.softmax(logits, dim=-1)
-        noise = self._exponential_noise(probs, metadata)
+        return torch.softmax(logits, dim=-1)
+
+    def sample_random(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        probs = self.probabilities(logits, metadata)
+        noise = self.exponential_noise(probs, metadata)
         return probs.div(noise).argmax(dim=-1)  # Gumbel-max in its exponential form
 
     @staticmethod
-    def _exponential_noise(probs: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    def exponential_noise(probs: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """Exp(1) noise like probs; a seeded row's is keyed on (seed, output index)."""
         noise = torch.empty_like(probs)
         seeded = [i for i, seed in enumerate(metadata.seeds) if seed is not None]
         if len(seeded) < len(metadata.seeds):
-            noise.exponential_()
+            noise.exponential_(generator=_step_generator(metadata, probs.device, 0))
         for i in seeded:
             gen = torch.Generator(device=probs.device)
             gen.manual_seed(_mix_seed(metadata.seeds[i], metadata.output_index[i]))
             noise[i].exponential_(generator=gen)
         return noise.clamp_(min=1e-20)
+
+    @staticmethod
+    def uniforms(metadata: SamplingMetadata, device: torch.device) -> torch.Tensor:
+        """One U[0, 1) draw per row (a draft's acceptance test); a seeded row's is keyed on
+        (seed, output index), on a stream apart from its noise."""
+        u = torch.rand(len(metadata.seeds), device=device,
+                       generator=_step_generator(metadata, device, _UNIFORM_STREAM))
+        for i, seed in enumerate(metadata.seeds):
+            if seed is not None:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(_mix_seed(seed ^ _UNIFORM_STREAM, metadata.output_index[i]))
+                u[i] = torch.rand(1, generator=gen, device=device)[0]
+        return u
 
     @staticmethod
     def gather_logprobs(raw_logprobs: torch.Tensor, sampled: torch.Tensor,
@@ -298,6 +327,16 @@ class Sampler:
         else:
             token_ids, logprobs = sampled, sampled_logprob
         return LogprobsTensors(token_ids, logprobs, ranks)
+
+
+def _step_generator(metadata: SamplingMetadata, device: torch.device, stream: int
+                    ) -> torch.Generator | None:
+    """The generator of the unseeded rows: keyed on the step's seed when it has one."""
+    if metadata.step_seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_mix_seed(metadata.step_seed ^ stream, 0))
+    return gen
 
 
 def _token_counts(token_ids: Sequence[Sequence[int]], num_reqs: int, vocab: int,

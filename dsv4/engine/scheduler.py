@@ -18,6 +18,7 @@ touches tensors or text.
 from __future__ import annotations
 
 import logging
+import random
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -59,6 +60,10 @@ class Scheduler:
         self.num_preemptions = 0  # since start
         # prefix cache: tokens looked up and tokens found, at every admission (vLLM's counters)
         self.num_prefix_queries = self.num_prefix_hits = 0
+        # speculative decoding since start: rows that verified drafts, drafts verified, drafts
+        # accepted, and accepted ones by draft position (vLLM's spec-decode counters)
+        self.num_spec_rows = self.num_draft_tokens = self.num_accepted_tokens = 0
+        self.accepted_per_position = [0] * engine_config.num_speculative_tokens
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -152,6 +157,12 @@ class Scheduler:
                 if num_new == 0:
                     continue  # an older prefill took the share; pass (3) may top it up
                 share -= num_new
+            elif req.spec_token_ids:  # verify last step's drafts with the new token
+                drafts = self._usable_drafts(req, plan.budget - 1)
+                if drafts and self.block_manager.allocate(
+                        req.request_id, req.num_computed_tokens, 1 + len(drafts)):
+                    plan.add(req, 1 + len(drafts), drafts)
+                    continue
             preempted |= not self._allocate_running(plan, req, num_new)
         # admit waiting requests, unless this step had to preempt (avoid thrashing)
         while (not preempted and self.waiting and plan.budget > 0
@@ -175,8 +186,9 @@ class Scheduler:
             if more > 0 and self.block_manager.allocate(
                     req.request_id, req.num_computed_tokens, have + more):
                 plan.add(req, more)
-        return self._make_batch([(r, plan.tokens[r.request_id]) for r in self.running
-                                 if r.request_id in plan.tokens])
+        return self._make_batch([(r, plan.tokens[r.request_id],
+                                  plan.drafts.get(r.request_id, []))
+                                 for r in self.running if r.request_id in plan.tokens])
 
     def _cached_prefix(self, req: Request) -> CachedPrefix:
         """The longest cached prefix a waiting request can start after: whole blocks, at least
@@ -228,7 +240,31 @@ class Scheduler:
     def _num_left(req: Request) -> int:
         return req.num_tokens - req.num_computed_tokens
 
-    def _make_batch(self, scheduled: list[tuple[Request, int]]) -> ScheduledBatch:
+    def _usable_drafts(self, req: Request, budget: int) -> list[int]:
+        """The request's drafts that can still matter: within the step's budget, and short
+        enough that all of them plus the bonus token fit max_tokens and max_model_len."""
+        room = min(budget, self.config.max_model_len - req.num_tokens)
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - req.num_output_tokens - 1)
+        return req.spec_token_ids[:max(0, room)]
+
+    def _num_to_propose(self, req: Request, end: int) -> int:
+        """Drafts the runner's MTP block should propose for ``req`` after a step that computes
+        its tokens up to ``end`` and samples: up to num_speculative_tokens, fewer where blocks
+        for the deeper drafts' positions (end .. end + K - 2) are short; none for a request
+        under a grammar (its masks are made one token at a time)."""
+        k = self.config.num_speculative_tokens
+        if not k or req.sampling_params.structured_outputs is not None:
+            return 0
+        k = min(k, max(1, self.config.max_model_len - end))
+        bm = self.block_manager
+        while k > 1 and not bm.allocate(req.request_id, req.num_computed_tokens,
+                                        end - req.num_computed_tokens + k - 1):
+            k -= 1
+        return k
+
+    def _make_batch(self, scheduled: list[tuple[Request, int, list[int]]]) -> ScheduledBatch:
         bm = self.block_manager
         batch = ScheduledBatch(
             block_tables={kind: [] for kind in bm.specs},
@@ -236,19 +272,28 @@ class Scheduler:
             preempted_req_ids=self._preempted_req_ids,
         )
         self._finished_req_ids, self._preempted_req_ids = [], []
-        for req, num_new in scheduled:
+        speculating = self.config.num_speculative_tokens > 0
+        if speculating:
+            batch.step_seed = random.getrandbits(62)
+        for req, num_new, drafts in scheduled:
             start = req.num_computed_tokens
+            end = start + num_new - len(drafts)  # the known tokens scheduled end here
+            sample = end == req.num_tokens
             batch.req_ids.append(req.request_id)
-            batch.token_ids.append(req.all_token_ids[start:start + num_new])
+            batch.token_ids.append(req.all_token_ids[start:end] + drafts)
             batch.num_computed_tokens.append(start)
+            if speculating:
+                batch.num_draft_tokens.append(len(drafts))
+                batch.num_propose_tokens.append(self._num_to_propose(req, end) if sample else 0)
+                batch.next_token_ids.append(-1 if sample else req.all_token_ids[end])
             for kind, table in bm.block_tables(req.request_id).items():
                 batch.block_tables[kind].append(table)
             batch.swa_block_offsets.append(bm.swa_block_offset(req.request_id))
             batch.state_slots.append(bm.state_slot(req.request_id))
             batch.boundary_blocks.append(req.boundary_block)
             req.boundary_block = 0  # loaded by this step
-            req.num_computed_tokens = start + num_new
-            batch.do_sample.append(req.num_computed_tokens == req.num_tokens)
+            req.num_computed_tokens = start + num_new  # drafts included until verified
+            batch.do_sample.append(sample)
             batch.sampling_params.append(req.sampling_params)
             batch.num_output_tokens.append(req.num_output_tokens)
             batch.prompt_token_ids.append(req.prompt_token_ids)
@@ -261,11 +306,16 @@ class Scheduler:
         batch: ScheduledBatch,
         sampled_token_ids: Sequence[Sequence[int]],
         logprobs: Sequence[Any] | None = None,
+        draft_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[StepOutput]:
         """Apply the runner's result for ``batch``.
 
-        ``sampled_token_ids[i]`` lists the new tokens of row i: one token per sampling row
-        (more once speculative decoding accepts several), empty for rows that did not sample.
+        ``sampled_token_ids[i]`` lists the new tokens of row i: one per sampling row, or for a
+        row that verified k drafts its accepted drafts and one more (1 .. k + 1 tokens); empty
+        for rows that did not sample. Rejected drafts are forgotten here (the runner rolled
+        their cache state back): the request's computed tokens end after its accepted ones.
+        Stop conditions are checked token by token, so nothing after a stop is kept.
+        ``draft_token_ids[i]`` are the drafts proposed for row i's next step.
         ``logprobs[i]`` (optional, opaque) is passed through to the StepOutput. Returns one
         StepOutput per request that got tokens; finished requests are freed here.
         """
@@ -278,24 +328,32 @@ class Scheduler:
             req = self.requests.get(request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted during the step
-            if bm.caching:  # the step filled these blocks: later requests may reuse them
-                bm.cache_blocks(request_id, self._hashes(req), req.num_computed_tokens)
-            if not batch.do_sample[i]:
-                continue  # a prefill chunk that samples nothing
-            if not sampled_token_ids[i]:
-                raise ValueError(f"row {i} ({request_id!r}) should have sampled a token")
+            num_drafts = batch.num_drafts(i)
             new_ids: list[int] = []
             status = None
-            for token_id in sampled_token_ids[i]:
-                req.append_output_token_ids(int(token_id))
-                new_ids.append(int(token_id))
-                status = req.check_stop(self.config.max_model_len)
-                if status is not None:
-                    break
+            if batch.do_sample[i]:
+                if not sampled_token_ids[i]:
+                    raise ValueError(f"row {i} ({request_id!r}) should have sampled a token")
+                if num_drafts:  # computed: the row's first token and the accepted drafts
+                    accepted = len(sampled_token_ids[i]) - 1
+                    self._count_acceptance(num_drafts, accepted)
+                    req.num_computed_tokens -= num_drafts - accepted
+                for token_id in sampled_token_ids[i]:
+                    req.append_output_token_ids(int(token_id))
+                    new_ids.append(int(token_id))
+                    status = req.check_stop(self.config.max_model_len)
+                    if status is not None:
+                        break
+            if bm.caching:  # the step filled these blocks: later requests may reuse them
+                bm.cache_blocks(request_id, self._hashes(req),
+                                min(req.num_computed_tokens, req.num_tokens))
+            if not batch.do_sample[i]:
+                continue  # a prefill chunk that samples nothing
             if status is not None:
                 self._free_finished(req, status)
                 any_finished = True
             else:
+                req.spec_token_ids = list(draft_token_ids[i]) if draft_token_ids else []
                 self.block_manager.release_swa_blocks(request_id, req.num_computed_tokens)
             outputs.append(StepOutput(
                 request_id, new_ids, req.is_finished, req.finish_reason, req.stop_reason,
@@ -305,9 +363,17 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
         return outputs
 
+    def _count_acceptance(self, num_drafts: int, accepted: int) -> None:
+        self.num_spec_rows += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += accepted
+        for j in range(accepted):
+            self.accepted_per_position[j] += 1
+
     # ---- helpers ---------------------------------------------------------------------------
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req.request_id)
+        req.spec_token_ids = []  # its MTP cache is gone too; the recompute drafts anew
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0  # recompute prompt + output so far
         req.num_preemptions += 1
@@ -329,11 +395,15 @@ class _StepPlan:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.tokens: dict[str, int] = {}
+        self.drafts: dict[str, list[int]] = {}  # draft tokens among a request's tokens
 
-    def add(self, req: Request, num_new: int) -> None:
+    def add(self, req: Request, num_new: int, drafts: list[int] | None = None) -> None:
         self.tokens[req.request_id] = self.tokens.get(req.request_id, 0) + num_new
         self.budget -= num_new
+        if drafts:
+            self.drafts[req.request_id] = drafts
 
     def drop(self, req: Request) -> None:
         """Unschedule a request preempted after it was given tokens: its budget comes back."""
         self.budget += self.tokens.pop(req.request_id, 0)
+        self.drafts.pop(req.request_id, None)

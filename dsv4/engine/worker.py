@@ -120,7 +120,7 @@ def _exit_with_parent() -> None:
 def _on_cpu(result: StepResult) -> StepResult:
     """A step's result with its tensors on the CPU (unpickled in the driver, a GPU tensor would
     open a CUDA context on this rank's GPU there)."""
-    sampled, out, prompt_lps = result
+    sampled, out, prompt_lps, drafts = result
 
     def cpu(t: LogprobsTensors | None) -> LogprobsTensors | None:
         return None if t is None else LogprobsTensors(
@@ -128,7 +128,8 @@ def _on_cpu(result: StepResult) -> StepResult:
 
     if out is not None:
         out = SamplerOutput(out.sampled_token_ids.cpu(), cpu(out.logprobs))
-    return sampled, out, {rid: (start, cpu(t)) for rid, (start, t) in prompt_lps.items()}
+    return StepResult(sampled, out, {rid: (start, cpu(t)) for rid, (start, t) in prompt_lps.items()},
+                      drafts)
 
 
 def worker_main(spec: RankSpec, rank: int, spawned: bool = True) -> None:
@@ -140,7 +141,7 @@ def worker_main(spec: RankSpec, rank: int, spawned: bool = True) -> None:
     model, config = load_rank(spec, rank, open_store(spec, is_master=False))
     runner = ModelRunner(model, BlockManager.from_config(model.config, config),
                          config.kv_cache_dtype, config.index_cache_dtype,
-                         config.compressor_state_dtype)
+                         config.compressor_state_dtype, config.num_speculative_tokens)
     parallel = model.parallel
     group = spec.parallel.dp_rank(rank)
     while True:

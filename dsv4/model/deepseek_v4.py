@@ -179,16 +179,27 @@ class DeepseekV4ForCausalLM(nn.Module):
         cache = cache if cache is not None else self.new_cache()
         return self.logits(self.hidden_streams(input_ids, cache))
 
+    def mtp_streams(self, h: torch.Tensor, next_ids: torch.Tensor,
+                    segments: list[Segment], positions: torch.Tensor | None = None,
+                    depth: int = 0) -> torch.Tensor:
+        """The MTP block over streams h [B, T, hc_mult, dim] at positions i (the trunk's, or
+        the block's own output for a deeper draft) and the embeddings of t[i+1] (next_ids
+        [B, T]); returns its output streams, whose logits draft t[i+2]. ``segments`` carry the
+        block's own (sliding-window) cache layer, index len(layers) + depth."""
+        block: MTPBlock = self.mtp[depth]
+        self.parallel.begin_step(next_ids)  # the MoE of a DP-attention model routes these ids
+        e = block.e_proj(block.enorm(self.embed(next_ids, h.dtype)))
+        x = e.unsqueeze(2) + block.h_proj(block.hnorm(h))
+        if positions is None:
+            positions = segment_positions(segments, next_ids.shape[1], next_ids.device)
+        return block(x, next_ids, segments, positions)
+
     @torch.inference_mode()
     def mtp_logits(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int,
                    cache: SequenceCache, depth: int = 0) -> torch.Tensor:
         """Draft logits for t[i+2] from trunk streams h at positions i and embeddings of t[i+1].
 
         h [B, T, hc_mult, dim] at positions start_pos..; next_ids [B, T]."""
-        block: MTPBlock = self.mtp[depth]
-        self.parallel.begin_step(next_ids)  # the MoE of a DP-attention model routes these ids
-        e = block.e_proj(block.enorm(self.embed(next_ids, h.dtype)))
-        x = e.unsqueeze(2) + block.h_proj(block.hnorm(h))
         seg = Segment(0, next_ids.shape[1], start_pos, cache.layers[len(self.layers) + depth])
-        x = block(x, next_ids, [seg])
-        return self.logits(x, owner=block)
+        x = self.mtp_streams(h, next_ids, [seg], depth=depth)
+        return self.logits(x, owner=self.mtp[depth])
