@@ -95,10 +95,20 @@ class CompletionState:
         if self.num_cached_tokens is None:
             self.num_cached_tokens = num_cached_tokens
         out = self.output
+        if len(token_ids) > 1 and self.detok.params.stop:  # several tokens in one step
+            # (speculative decoding): nothing after the token that completes a stop string
+            text = ""
+            for n, token_id in enumerate(token_ids, 1):
+                text += self.detok.add([token_id])
+                if self.detok.stopped is not None:
+                    token_ids = token_ids[:n]
+                    logprobs = logprobs[:n] if logprobs is not None else None
+                    break
+        else:
+            text = self.detok.add(token_ids)
         out.token_ids.extend(token_ids)
         if logprobs is not None:
             out.logprobs = (out.logprobs or []) + list(logprobs)
-        text = self.detok.add(token_ids)
         out.text += text
         return Delta(out.index, token_ids, text, logprobs, prompt_logprobs=prompt_logprobs,
                      num_cached_tokens=self.num_cached_tokens)

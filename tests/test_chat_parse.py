@@ -38,11 +38,11 @@ def script(llm: LLM, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
     real = llm.engine.runner.execute
 
     def execute(batch):
-        result, out, prompt_lps = real(batch)
+        step = real(batch)
         for r in batch.sample_indices:
             k = batch.num_output_tokens[r]
-            result[r] = [ids[min(k, len(ids) - 1)]]
-        return result, out, prompt_lps
+            step.sampled[r] = [ids[min(k, len(ids) - 1)]]
+        return step
 
     monkeypatch.setattr(llm.engine.runner, "execute", execute)
 

@@ -169,7 +169,12 @@ class LLMEngine:
                            sum(s.num_preemptions for s in self.schedulers),
                            self._num_prompt_tokens, self._num_generation_tokens,
                            sum(s.num_prefix_queries for s in self.schedulers),
-                           sum(s.num_prefix_hits for s in self.schedulers))
+                           sum(s.num_prefix_hits for s in self.schedulers),
+                           sum(s.num_spec_rows for s in self.schedulers),
+                           sum(s.num_draft_tokens for s in self.schedulers),
+                           sum(s.num_accepted_tokens for s in self.schedulers),
+                           tuple(map(sum, zip(*(s.accepted_per_position
+                                                for s in self.schedulers)))))
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:

@@ -21,7 +21,21 @@ from dsv4.engine.step_layout import StepLayout
 from dsv4.model.attention import DecodeRows
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
-__all__ = ["MTPProposer"]
+__all__ = ["MTPProposer", "draft_head"]
+
+
+def draft_head(model: DeepseekV4ForCausalLM) -> torch.Tensor | None:
+    """The head's weight for drafting: a bf16 copy when the model computes in fp32 on a CPU
+    whose GEMMs run bf16 natively (AVX-512 BF16 / AMX), else None (the head itself). A draft
+    is a greedy guess that verification accepts or replaces, so its precision can change how
+    many drafts are accepted, never an output; what it buys is half the bytes a draft step
+    reads, and on a small model the head is most of a draft step."""
+    weight = model.head.weight
+    if (weight.device.type != "cpu" or model.compute_dtype != torch.float32
+            or weight.dtype != torch.float32
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    return weight.to(torch.bfloat16)
 
 
 class MTPProposer:
@@ -31,6 +45,7 @@ class MTPProposer:
         self.model, self.k = model, num_speculative_tokens
         self.first_layer = len(model.layers)  # cache layer of MTP block 0
         self.lockstep = model.parallel.dp.size > 1  # ranks of other groups wait in the MoE
+        self.head = draft_head(model)
 
     def _depth(self, j: int) -> tuple[int, int]:
         """(MTP block, its cache layer) drafting token j (0-based): the blocks in turn."""
@@ -55,6 +70,7 @@ class MTPProposer:
                             device=device)
         x = x[:, last]  # [1, R, hc, dim]: the streams each draft goes on from
         positions = [batch.num_computed_tokens[i] + kept[i] - 1 for i in rows]
+        prev = torch.zeros(0, dtype=torch.long, device=device)  # the last drafts, per row
         for j in range(self.k):
             if j:  # apply the block again, one position on, to its output and the last draft
                 block, layer = self._depth(j)
@@ -73,9 +89,8 @@ class MTPProposer:
             if not rows:
                 if not self.lockstep:
                     break
-                prev = torch.zeros(0, dtype=torch.long, device=device)
                 continue
-            prev = model.logits(x, owner=model.mtp[block])[0].argmax(dim=-1)
+            prev = model.logits(x, owner=model.mtp[block], head=self.head)[0].argmax(dim=-1)
             for i, t in zip(rows, prev.tolist()):
                 drafts[i].append(t)
         return drafts

@@ -48,6 +48,12 @@ class EngineStats:
     generation_tokens: int  # tokens sampled since start
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache since start
     prefix_cache_hits: int = 0  # of those, tokens found cached
+    # speculative decoding since start: rows that verified drafts, drafts verified, drafts
+    # accepted, and accepted drafts by draft position (1st, 2nd, ...)
+    spec_num_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
 
 
 class WorkerDiedError(RuntimeError):

@@ -249,18 +249,18 @@ class Scheduler:
             room = min(room, max_tokens - req.num_output_tokens - 1)
         return req.spec_token_ids[:max(0, room)]
 
-    def _num_to_propose(self, req: Request, end: int) -> int:
+    def _num_to_propose(self, req: Request, num_new: int) -> int:
         """Drafts the runner's MTP block should propose for ``req`` after a step that computes
-        its tokens up to ``end`` and samples: up to num_speculative_tokens, fewer where blocks
-        for the deeper drafts' positions (end .. end + K - 2) are short; none for a request
-        under a grammar (its masks are made one token at a time)."""
+        ``num_new`` tokens of it (drafts included) and samples: up to num_speculative_tokens,
+        fewer where blocks are short for the positions deeper drafts write past the step (up
+        to K - 1); none for a request under a grammar (its masks are made one token at a
+        time)."""
         k = self.config.num_speculative_tokens
         if not k or req.sampling_params.structured_outputs is not None:
             return 0
-        k = min(k, max(1, self.config.max_model_len - end))
-        bm = self.block_manager
-        while k > 1 and not bm.allocate(req.request_id, req.num_computed_tokens,
-                                        end - req.num_computed_tokens + k - 1):
+        start = req.num_computed_tokens
+        k = min(k, max(1, self.config.max_model_len - start - num_new))
+        while k > 1 and not self.block_manager.allocate(req.request_id, start, num_new + k - 1):
             k -= 1
         return k
 
@@ -284,7 +284,8 @@ class Scheduler:
             batch.num_computed_tokens.append(start)
             if speculating:
                 batch.num_draft_tokens.append(len(drafts))
-                batch.num_propose_tokens.append(self._num_to_propose(req, end) if sample else 0)
+                batch.num_propose_tokens.append(
+                    self._num_to_propose(req, num_new) if sample else 0)
                 batch.next_token_ids.append(-1 if sample else req.all_token_ids[end])
             for kind, table in bm.block_tables(req.request_id).items():
                 batch.block_tables[kind].append(table)

@@ -128,8 +128,8 @@ def _on_cpu(result: StepResult) -> StepResult:
 
     if out is not None:
         out = SamplerOutput(out.sampled_token_ids.cpu(), cpu(out.logprobs))
-    return StepResult(sampled, out, {rid: (start, cpu(t)) for rid, (start, t) in prompt_lps.items()},
-                      drafts)
+    prompt_lps = {rid: (start, cpu(t)) for rid, (start, t) in prompt_lps.items()}
+    return StepResult(sampled, out, prompt_lps, drafts)
 
 
 def worker_main(spec: RankSpec, rank: int, spawned: bool = True) -> None:

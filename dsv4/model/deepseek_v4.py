@@ -163,14 +163,20 @@ class DeepseekV4ForCausalLM(nn.Module):
             h = block(h, input_ids, segments, positions)
         return h
 
-    def logits(self, h: torch.Tensor, owner: nn.Module | None = None) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, owner: nn.Module | None = None,
+               head: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits of streams h; ``owner`` holds hc_head and the norm (an MTP block), and
+        ``head`` may stand in for the head's weight (the drafter's copy)."""
         owner = owner or self
         c = self.config
         x = hc_head(h, owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base,
                     c.hc_eps, c.rms_norm_eps)
         x = owner.norm(x)
-        return self.parallel.tp.all_gather(F.linear(x, self.head.weight.to(x.dtype)).float(),
-                                           dim=-1)
+        if head is None:
+            out = F.linear(x, self.head.weight.to(x.dtype))
+        else:
+            out = F.linear(x.to(head.dtype), head)
+        return self.parallel.tp.all_gather(out.float(), dim=-1)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: SequenceCache | None = None

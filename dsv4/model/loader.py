@@ -15,6 +15,7 @@ format, with experts merged into 3-D tensors) are read whole and then cut.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.model.linear import Linear, Shard
 from dsv4.model.names import is_hf_naming, official_items, released_in_fp32
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["load_model", "checkpoint_files", "CheckpointError"]
 
@@ -75,7 +78,10 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
         with safe_open(str(file), framework="pt") as f:
             names.extend(f.keys())
     hf = is_hf_naming(names)
-    with_mtp = any(n.startswith("mtp.") for n in names)
+    # the -0731 releases' DSpark drafter is not supported yet: run the trunk, skip its tensors
+    dspark = config.drafter == "dspark"
+    with_mtp = not dspark and any(n.startswith("mtp.") for n in names)
+    skipped = 0
     with torch.device("meta"):
         model = DeepseekV4ForCausalLM(config, emulate_quant=emulate_quant, with_mtp=with_mtp,
                                       parallel=parallel)
@@ -94,6 +100,9 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
                     if name not in expected:
                         if _other_ranks_expert(name, config.n_routed_experts):
                             continue
+                        if dspark and _is_drafter_tensor(name):
+                            skipped += 1
+                            continue
                         shape = tuple(tensor.shape if tensor is not None
                                       else f.get_slice(stored).get_shape())
                         raise CheckpointError(f"unexpected tensor {name} {shape} in checkpoint")
@@ -104,6 +113,10 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
                     loaded.add(name)
                 bar.update(1)
     bar.close()
+    if dspark:
+        logger.warning("%s drafts with DSpark (dspark_* keys in config.json), which dsv4 does "
+                       "not support yet: the trunk is loaded and runs without speculative "
+                       "decoding; %d drafter tensors were skipped", path, skipped)
     missing = [n for n in expected if n not in loaded]
     if missing:
         shown = ", ".join(f"{n} {tuple(expected[n].shape)}" for n in missing[:8])
@@ -133,6 +146,11 @@ def _prepare_head(model: DeepseekV4ForCausalLM) -> None:
 
 
 _EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
+
+
+def _is_drafter_tensor(name: str) -> bool:
+    """A tensor of a draft module (MTP stages, DSpark) rather than of the trunk."""
+    return name.startswith("mtp.") or "dspark" in name
 
 
 def _other_ranks_expert(name: str, n_experts: int) -> bool:

@@ -68,7 +68,18 @@ class ServerMetrics:
                                       "the prefix cache.", m, registry=reg)
         self.prefix_hits = Counter("dsv4:prefix_cache_hits", "Prompt tokens found in the prefix "
                                    "cache.", m, registry=reg)
-        self._prefix_seen = (0, 0)  # the engine's totals at the last refresh
+        # vLLM's speculative-decoding counters
+        self.spec_drafts = Counter("dsv4:spec_decode_num_drafts", "Decode rows that verified "
+                                   "draft tokens.", m, registry=reg)
+        self.spec_draft_tokens = Counter("dsv4:spec_decode_num_draft_tokens", "Draft tokens "
+                                         "verified.", m, registry=reg)
+        self.spec_accepted = Counter("dsv4:spec_decode_num_accepted_tokens", "Draft tokens "
+                                     "accepted.", m, registry=reg)
+        self.spec_accepted_per_pos = Counter("dsv4:spec_decode_num_accepted_tokens_per_pos",
+                                             "Draft tokens accepted, by draft position "
+                                             "(0 = the first draft).", m + ["position"],
+                                             registry=reg)
+        self._seen: dict[str, int] = {}  # the engine's totals at the last refresh, by counter
         self.prompt_tokens_total = 0  # the same sums as the two token counters, readable
         self.generation_tokens_total = 0
 
@@ -83,10 +94,17 @@ class ServerMetrics:
             self.running.labels(name).set(stats.num_running)
             self.waiting.labels(name).set(stats.num_waiting)
             self.kv_usage.labels(name).set(stats.kv_cache_usage)
-            queries, hits = self._prefix_seen
-            self.prefix_queries.labels(name).inc(max(0, stats.prefix_cache_queries - queries))
-            self.prefix_hits.labels(name).inc(max(0, stats.prefix_cache_hits - hits))
-            self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+            totals = {"prefix_queries": (self.prefix_queries, (), stats.prefix_cache_queries),
+                      "prefix_hits": (self.prefix_hits, (), stats.prefix_cache_hits),
+                      "spec_drafts": (self.spec_drafts, (), stats.spec_num_drafts),
+                      "spec_draft_tokens": (self.spec_draft_tokens, (),
+                                            stats.spec_draft_tokens),
+                      "spec_accepted": (self.spec_accepted, (), stats.spec_accepted_tokens)}
+            for j, n in enumerate(stats.spec_accepted_per_position):
+                totals[f"spec_accepted_{j}"] = (self.spec_accepted_per_pos, (str(j),), n)
+            for key, (counter, labels, total) in totals.items():  # the engine keeps totals
+                counter.labels(name, *labels).inc(max(0, total - self._seen.get(key, 0)))
+                self._seen[key] = total
         return generate_latest(self.registry)
 
 

@@ -43,6 +43,7 @@ class StatsLogger:
         self._last_generation = metrics.generation_tokens_total
         self._was_active = False
         self._last_prefix = (0, 0)  # the engine's prefix-cache queries and hits
+        self._last_spec = (0, 0, 0)  # the engine's spec-decode rows, drafts, accepted drafts
 
     async def log_once(self) -> str | None:
         """Log one line if there was activity since the last call (or the one before); the
@@ -64,6 +65,12 @@ class StatsLogger:
             self._last_prefix = (stats.prefix_cache_queries, stats.prefix_cache_hits)
             if queries > 0:  # admissions since the last line
                 prefix = f", prefix cache hit rate: {100 * hits / queries:.1f}%"
+            spec = (stats.spec_num_drafts, stats.spec_draft_tokens, stats.spec_accepted_tokens)
+            rows, drafts, accepted = (a - b for a, b in zip(spec, self._last_spec))
+            self._last_spec = spec
+            if rows > 0:  # tokens a verifying row gains per step, and the drafts' acceptance
+                prefix += (f", spec decode: mean accepted length {1 + accepted / rows:.2f}, "
+                           f"acceptance {100 * accepted / max(drafts, 1):.1f}%")
             active = bool(stats.num_running or stats.num_waiting)
         active = active or d_prompt > 0 or d_generation > 0
         if not (active or self._was_active):

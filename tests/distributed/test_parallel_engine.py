@@ -82,6 +82,25 @@ def test_workers_give_the_single_process_outputs(checkpoint, single, layout):
     assert _stopped(llm)
 
 
+@pytest.mark.parametrize("layout", ["tp2-ep", "dp2-ep"])
+def test_speculative_decoding_across_ranks(checkpoint, layout):
+    """MTP drafts verified on every rank alike: tensor-parallel ranks accept the same drafts
+    (greedy, seeded sampling, logprobs as one process gives them), and data-parallel groups
+    run the MTP block in lockstep through its MoE whatever each group drafts."""
+    spec = dict(speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    want = _run(LLM(checkpoint, **BASE, **spec))
+    llm = LLM(checkpoint, **BASE, **LAYOUTS[layout], **spec)
+    try:
+        tokens, lps, prompt_lps = _run(llm)
+        assert all(s.block_manager.all_free() for s in llm.engine.schedulers)
+        assert llm.engine.stats().spec_draft_tokens > 0
+    finally:
+        llm.engine.shutdown()
+    assert tokens == want[0]
+    for got, ref in zip(lps + prompt_lps, want[1] + want[2]):
+        assert got == pytest.approx(ref, abs=1e-5)
+
+
 def test_preemption_and_abort_under_tensor_parallelism(checkpoint):
     """A cache too small for the batch preempts and recomputes on every rank alike."""
     # 4 state slots, too few blocks for four 54-token requests (prefix caching on: its swa

@@ -24,6 +24,7 @@ from dsv4.async_llm import AsyncLLM
 from dsv4.demo import DEMO_CONFIG
 from dsv4.encoding import ASSISTANT, THINK_OPEN
 from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine.model_runner import StepResult
 from dsv4.engine_args import EngineArgs
 from dsv4.model.writer import write_checkpoint
 from dsv4.server.app import build_app
@@ -59,7 +60,7 @@ class ScriptedRunner:
             self._plans[request_id] = None if text is None else self.tokenizer.encode(text)
         return self._plans[request_id]
 
-    def execute(self, batch: Any) -> tuple[list[list[int]], Any, dict]:
+    def execute(self, batch: Any) -> StepResult:
         rows = batch.sample_indices
         plans = {r: self._plan(batch.req_ids[r], batch.prompt_token_ids[r]) for r in rows}
         scripted_only = rows and all(plans[r] is not None for r in rows)
@@ -67,15 +68,15 @@ class ScriptedRunner:
                                  and batch.sampling_params[r].prompt_logprobs is None
                                  for r in rows):
             result: list[list[int]] = [[] for _ in range(batch.num_reqs)]
-            out, prompt_lps = None, {}
+            out, prompt_lps, drafts = None, {}, []
         else:
-            result, out, prompt_lps = self.real(batch)
+            result, out, prompt_lps, drafts = self.real(batch)
         for r in rows:
             ids = plans[r]
             if ids is not None:
                 k = batch.num_output_tokens[r]
                 result[r] = [ids[k] if k < len(ids) else self.eos]
-        return result, out, prompt_lps
+        return StepResult(result, out, prompt_lps, drafts)
 
 
 def start_uvicorn(app: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
