@@ -34,6 +34,7 @@ from dsv4.cache.block_manager import BlockManager
 from dsv4.cache.kv_format import EntryFormat, entry_format
 from dsv4.cache.spec import DEFAULT_INDEX_CACHE_DTYPE
 from dsv4.config import ModelConfig
+from dsv4.ops import OPS
 
 __all__ = ["KVCache", "RequestView"]
 
@@ -104,6 +105,10 @@ class KVCache:
 
     def encode(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         return self.formats[kind].encode(x)
+
+    def write(self, kind: str, flat: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Encode x [n, D] as `kind` entries into rows `slots` of flat storage (the kv_write op)."""
+        OPS.kv_write(flat, slots, x, self.formats[kind])
 
     def decoder(self, kind: str) -> _Decoder | None:
         """How to turn stored rows of `kind` into compute-dtype vectors (None: as they are)."""
@@ -231,7 +236,7 @@ class _CompressorStore:
     def append(self, entries: torch.Tensor) -> None:
         slots = self.view.entry_slots(_kind(self.key), self.per_block,
                                       self.view.start_pos // self.ratio, entries.shape[1])
-        self.flat[slots] = self.view.cache.encode(self.key, entries[0])
+        self.view.cache.write(self.key, self.flat, slots, entries[0])
 
     def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor, _Decoder | None]:
         return (self.flat.unsqueeze(0),
@@ -258,7 +263,7 @@ class _LayerStore:
         """Write the new chunk's vectors into their blocks (`window` is not needed here)."""
         start = self.view.start_pos
         slots = self.view.window_slots(start, start + kv.shape[1])
-        self.window_flat[slots] = self.view.cache.encode("swa", kv[0])
+        self.view.cache.write("swa", self.window_flat, slots, kv[0])
 
 
 class RequestView:
@@ -443,7 +448,7 @@ class _BatchedLayerStore:
         new token last) and which of those positions exist [R, W]."""
         slots, valid = self.group.window_slots()
         cache = self.group.cache
-        self.window_flat[slots[:, -1]] = cache.encode("swa", kv)
+        cache.write("swa", self.window_flat, slots[:, -1], kv)
         keys = cache.read("swa", self.window_flat[slots[:, :-1]])
         return torch.cat([keys.to(kv.dtype), kv.unsqueeze(1)], dim=1), valid
 
@@ -484,7 +489,7 @@ class _BatchedCompressorStore:
         ids = (self.group.positions[done] + 1) // self.ratio - 1
         table = self.table[done]
         slots = table.gather(1, (ids // self.per_block).unsqueeze(1))[:, 0] * self.per_block
-        self.flat[slots + ids % self.per_block] = self.group.cache.encode(self.key, entries)
+        self.group.cache.write(self.key, self.flat, slots + ids % self.per_block, entries)
         if self.overlap:  # the completed window becomes the previous one
             s, m = self.group.slots[done], self.ratio
             self.kv[s, :m] = self.kv[s, m:]

@@ -27,9 +27,9 @@ from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.cache_store import BatchedLayerStore, LayerStore
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
-from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize, upcast
+from dsv4.model.layers import RMSNorm, RotaryEmbedding, rms_normalize, upcast
 from dsv4.model.linear import Linear, split
-from dsv4.quant import fake_quant_kv
+from dsv4.ops import OPS
 
 __all__ = ["Attention", "Segment", "DecodeRows", "Gathered", "Shared", "sparse_attention",
            "gather_rows", "segment_positions"]
@@ -192,10 +192,10 @@ class Attention(nn.Module):
         if positions is None:
             positions = segment_positions(segments, x.shape[1], x.device)
         cos, sin = self.rope.step(positions)
-        q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
-        kv = apply_rope(kv, cos, sin)
+        q = OPS.rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+        kv = OPS.rope(kv, cos, sin)
         if self.emulate_quant:
-            kv = fake_quant_kv(kv, self.config.qk_rope_head_dim)
+            kv = OPS.kv_quant(kv, self.config.qk_rope_head_dim)
         o = torch.empty_like(q)
         for seg in segments:
             if isinstance(seg, DecodeRows):
@@ -208,7 +208,7 @@ class Attention(nn.Module):
             sl = slice(seg.begin, seg.end)
             o[:, sl] = self._attend(x[:, sl], q[:, sl], q_lora[:, sl], kv[:, sl],
                                     positions[sl], seg.start_pos, seg.store)
-        o = apply_rope(o, cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
+        o = OPS.rope(o, cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
         return self._project_out(o)
 
     def _attend(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor, kv: torch.Tensor,
@@ -259,7 +259,7 @@ class Attention(nn.Module):
                     idx = chosen[:, s:e]
                     slot_idx = torch.where(idx >= 0, slots[idx.clamp_min(0)], idx)
                     sources.append(Gathered(storage, slot_idx, decode))
-            outs.append(sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
+            outs.append(OPS.sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def _attend_rows(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor,
@@ -286,7 +286,7 @@ class Attention(nn.Module):
                                               keys)[:, 0]  # [R, k]
                     slot_idx = torch.where(ids >= 0, slots.gather(1, ids.clamp_min(0)), -1)
                     sources.append(Gathered(storage, slot_idx.unsqueeze(1), decode))
-        return sparse_attention(q.unsqueeze(1), sources, self.attn_sink, self.scale)[:, 0]
+        return OPS.sparse_attention(q.unsqueeze(1), sources, self.attn_sink, self.scale)[:, 0]
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
         g = self.n_groups

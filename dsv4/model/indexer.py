@@ -15,11 +15,12 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.distributed.comm import Comm
 from dsv4.model.compressor import Compressor
-from dsv4.model.layers import RotaryEmbedding, apply_rope, upcast
+from dsv4.model.layers import RotaryEmbedding, upcast
 from dsv4.model.linear import Linear, split
+from dsv4.ops import OPS
 from dsv4.quant import fake_quant_fp4, hadamard
 
-__all__ = ["Indexer", "select_topk"]
+__all__ = ["Indexer", "select_topk", "indexer_scores"]
 
 # elements of one block's [B, T, heads, E] logits: 8 MiB of fp32 stays in cache; 1 << 25
 # made a 16K-token CPU prefill 1.3x slower (benchmarks: single-process A/B in BENCHMARKS.md)
@@ -45,6 +46,13 @@ def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Te
     order = torch.sort(masked.gather(-1, ids), dim=-1, descending=True, stable=True).indices
     ids = ids.gather(-1, order)
     return torch.where(visible.gather(-1, ids), ids, torch.full_like(ids, -1))
+
+
+def indexer_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_h weights_h * ReLU(q_h . K_e): q [B, T, H, D], keys [B, E, D], weights [B, T, H]
+    (at least fp32) -> [B, T, E] (the `indexer_scores` op's reference)."""
+    logits = torch.einsum("bthd,bed->bthe", upcast(q), upcast(keys))
+    return (logits.relu() * weights.unsqueeze(-1)).sum(dim=2)
 
 
 class Indexer(nn.Module):
@@ -87,12 +95,11 @@ class Indexer(nn.Module):
                 keys: torch.Tensor) -> torch.Tensor:
         q = self.wq_b(q_lora).unflatten(-1, (self.n_heads, self.head_dim))
         cos, sin = self.rope(positions)
-        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q = OPS.rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
         if self.emulate_quant:
             q = fake_quant_fp4(hadamard(q))
         weights = upcast(self.weights_proj(x)) * self.weight_scale
-        logits = torch.einsum("bthd,bed->bthe", upcast(q), upcast(keys))
-        scores = self.tp.all_reduce((logits.relu() * weights.unsqueeze(-1)).sum(dim=2))  # [B,T,E]
+        scores = self.tp.all_reduce(OPS.indexer_scores(q, keys, weights))  # [B, T, E]
         entry = torch.arange(keys.shape[1], device=x.device)
         visible = entry < ((positions + 1) // 4).unsqueeze(-1)  # [B or 1, T, E]
         return select_topk(scores, visible.expand_as(scores), self.topk)
