@@ -25,6 +25,7 @@ this module only stores and gathers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -115,7 +116,8 @@ class KVCache:
         fmt = self.formats[kind]
         if not fmt.encoded:
             return None
-        return lambda raw: fmt.decode(raw, self.compute_dtype)
+        # a partial, not a lambda: a kernel reads the format from it (decode.func.__self__)
+        return functools.partial(fmt.decode, dtype=self.compute_dtype)
 
     def read(self, kind: str, raw: torch.Tensor) -> torch.Tensor:
         decode = self.decoder(kind)
