@@ -102,4 +102,4 @@ class Indexer(nn.Module):
         scores = self.tp.all_reduce(OPS.indexer_scores(q, keys, weights))  # [B, T, E]
         entry = torch.arange(keys.shape[1], device=x.device)
         visible = entry < ((positions + 1) // 4).unsqueeze(-1)  # [B or 1, T, E]
-        return select_topk(scores, visible.expand_as(scores), self.topk)
+        return OPS.indexer_topk(scores, visible.expand_as(scores), self.topk)
