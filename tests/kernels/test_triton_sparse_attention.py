@@ -21,7 +21,7 @@ from dsv4.quant import fake_quant_kv  # noqa: E402
 B, T, H, D, ROPE = 2, 3, 3, 64, 16
 
 
-def _window(device, g, keys=20):
+def _window(kernel_device, g, keys=20):
     """Window keys [B, 20, D] (crosses the kernel's 16-key tile) with a causal band; query 0 of
     row 1 sees nothing (an empty row: output 0)."""
     k = torch.randn(B, keys, D, generator=g)
@@ -29,62 +29,62 @@ def _window(device, g, keys=20):
     q_pos = torch.tensor([keys - 3, keys - 2, keys - 1])
     vis = ((pos <= q_pos[:, None]) & (pos > q_pos[:, None] - 8)).unsqueeze(0).repeat(B, 1, 1)
     vis[1, 0] = False
-    return Shared(k.to(device), vis.to(device))
+    return Shared(k.to(kernel_device), vis.to(kernel_device))
 
 
-def _check(q, sources, sink, device):
+def _check(q, sources, sink, kernel_device):
     got = sparse_attention(q, sources, sink, D**-0.5)
     want = attention_torch(q, sources, sink, D**-0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     return got
 
 
-def _inputs(device, seed):
+def _inputs(kernel_device, seed):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=g).to(device)
-    sink = torch.randn(H, generator=g).to(device)
+    q = torch.randn(B, T, H, D, generator=g).to(kernel_device)
+    sink = torch.randn(H, generator=g).to(kernel_device)
     return g, q, sink
 
 
-def test_triton_sparse_attention_window_only(device):
-    g, q, sink = _inputs(device, 0)
-    got = _check(q, [_window(device, g)], sink, device)
+def test_triton_sparse_attention_window_only(kernel_device):
+    g, q, sink = _inputs(kernel_device, 0)
+    got = _check(q, [_window(kernel_device, g)], sink, kernel_device)
     assert torch.all(got[1, 0] == 0)  # no visible key: the sink takes all the weight
 
 
-def test_triton_sparse_attention_window_plus_dense_entries(device):
-    g, q, sink = _inputs(device, 1)
-    entries = torch.randn(B, 7, D, generator=g).to(device)
-    visible = (torch.arange(7) < torch.tensor([0, 3, 7])[:, None]).unsqueeze(0).to(device)
-    _check(q, [_window(device, g), Shared(entries, visible)], sink, device)
+def test_triton_sparse_attention_window_plus_dense_entries(kernel_device):
+    g, q, sink = _inputs(kernel_device, 1)
+    entries = torch.randn(B, 7, D, generator=g).to(kernel_device)
+    visible = (torch.arange(7) < torch.tensor([0, 3, 7])[:, None]).unsqueeze(0).to(kernel_device)
+    _check(q, [_window(kernel_device, g), Shared(entries, visible)], sink, kernel_device)
 
 
 @pytest.mark.parametrize("pool", ["shared", "per_row"])
-def test_triton_sparse_attention_topk_plain_storage(device, pool):
-    g, q, sink = _inputs(device, 2)
+def test_triton_sparse_attention_topk_plain_storage(kernel_device, pool):
+    g, q, sink = _inputs(kernel_device, 2)
     rows = 1 if pool == "shared" else B
-    storage = torch.randn(rows, 40, D, generator=g).to(device)
+    storage = torch.randn(rows, 40, D, generator=g).to(kernel_device)
     idx = torch.randint(0, 40, (B, T, 18), generator=g)  # 18 > one tile
     idx[0, 0, 5:] = -1  # ragged: fewer entries than k
     idx[1, 2] = -1  # none at all
-    _check(q, [_window(device, g), Gathered(storage, idx.to(device))], sink, device)
+    _check(q, [_window(kernel_device, g), Gathered(storage, idx.to(kernel_device))], sink, kernel_device)
 
 
-def test_triton_sparse_attention_topk_fp8_storage_read_in_place(device):
-    g, q, sink = _inputs(device, 3)
+def test_triton_sparse_attention_topk_fp8_storage_read_in_place(kernel_device):
+    g, q, sink = _inputs(kernel_device, 3)
     fmt = entry_format("fp8", D, ROPE)
     vectors = fake_quant_kv(torch.randn(30, D, generator=g) * 4, ROPE)
-    storage = fmt.encode(vectors).unsqueeze(0).to(device)  # [1, 30, nbytes] bytes
+    storage = fmt.encode(vectors).unsqueeze(0).to(kernel_device)  # [1, 30, nbytes] bytes
     decode = functools.partial(fmt.decode, dtype=torch.float32)  # as KVCache.decoder gives
     idx = torch.randint(0, 30, (B, T, 5), generator=g)
     idx[0, 1, 2:] = -1
-    got = _check(q, [_window(device, g), Gathered(storage, idx.to(device), decode)], sink, device)
+    got = _check(q, [_window(kernel_device, g), Gathered(storage, idx.to(kernel_device), decode)], sink, kernel_device)
     assert got.shape == q.shape
 
 
-def test_triton_sparse_attention_unknown_decoder_falls_back(device):
-    g, q, sink = _inputs(device, 4)
-    storage = torch.randn(1, 10, D, generator=g).to(device)
-    idx = torch.randint(0, 10, (B, T, 4), generator=g).to(device)
+def test_triton_sparse_attention_unknown_decoder_falls_back(kernel_device):
+    g, q, sink = _inputs(kernel_device, 4)
+    storage = torch.randn(1, 10, D, generator=g).to(kernel_device)
+    idx = torch.randint(0, 10, (B, T, 4), generator=g).to(kernel_device)
     src = Gathered(storage, idx, lambda rows: rows * 2)  # a decoder the kernel cannot read
-    _check(q, [_window(device, g), src], sink, device)
+    _check(q, [_window(kernel_device, g), src], sink, kernel_device)
