@@ -56,6 +56,7 @@ SPECS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("indexer_scores", "dsv4.model.indexer:indexer_scores",
            "dsv4.kernels.indexer:indexer_scores"),
     OpSpec("indexer_topk", "dsv4.model.indexer:select_topk", "dsv4.kernels.indexer:select_topk"),
+    OpSpec("moe_experts", "dsv4.model.moe:routed_experts", "dsv4.kernels.moe:routed_experts"),
     OpSpec("fp8_linear", "dsv4.model.linear:fp8_linear", "dsv4.kernels.fp8_linear:fp8_linear"),
 )}
 
