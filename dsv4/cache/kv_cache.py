@@ -454,6 +454,16 @@ class _BatchedLayerStore:
         keys = cache.read("swa", self.window_flat[slots[:, :-1]])
         return torch.cat([keys.to(kv.dtype), kv.unsqueeze(1)], dim=1), valid
 
+    def window_entries(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                        _Decoder | None]:
+        """As window(), but the window stays in the cache: (storage [1, S, ...], slots [R, W]
+        with -1 for positions that do not exist, decoder)."""
+        slots, valid = self.group.window_slots()
+        cache = self.group.cache
+        cache.write("swa", self.window_flat, slots[:, -1], kv)
+        return (self.window_flat.unsqueeze(0), torch.where(valid, slots, -1),
+                cache.decoder("swa"))
+
 
 class _BatchedCompressorStore:
     def __init__(self, group: DecodeGroup, key: str, layer: int, ratio: int) -> None:

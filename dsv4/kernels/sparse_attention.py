@@ -1,11 +1,11 @@
 """Sparse attention with a sink over dsv4's key sources, one pass with an online softmax.
 
-Takes what dsv4.model.attention.sparse_attention takes: queries [B, T, H, D] and a list of
-sources, the first a Shared (keys [B, K, D] every query of the row may see, with a visibility
-mask: the sliding window) and optionally a second one, Shared (HCA's, or CSA's below top-k,
-compressed entries) or Gathered (CSA's top-k: entry slots per query into the cache storage).
-A Gathered source is read in place from the cache storage, as plain vectors (fp32 / bf16) or as
-the 584-byte fp8 entry (e4m3 nope dims with ue8m0 scales per 64, bf16 rope dims) decoded in the
+Takes what dsv4.model.attention.sparse_attention takes: queries [B, T, H, D] and one or two
+sources (the window; the compressed entries), each Shared (keys [B, K, D] every query of the row
+may see, with a visibility mask) or Gathered (slots per query into the cache storage: CSA's
+top-k, and on the batched decode path the window and all compressed entries too). A Gathered
+source is read in place from the cache storage, as plain vectors (fp32 / bf16) or as the
+584-byte fp8 entry (e4m3 nope dims with ue8m0 scales per 64, bf16 rope dims) decoded in the
 kernel: no gathered or decoded copy is made. K = V: each key tile is read once for the logits and
 the output. The sink starts the running max and denominator (a logit with no value).
 
@@ -66,11 +66,40 @@ def _update(q, keys, valid, m, l, acc, scale, DOT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _attend_source(q, m, l, acc, b, t, ptr, sb, sk, vis_ptr, vb, vt, vk, K, cols, scale,
+                   KIND: tl.constexpr, FMT: tl.constexpr, NOPE: tl.constexpr,
+                   ROPE: tl.constexpr, D: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_BF16: tl.constexpr):
+    """All keys of one source into the running softmax. KIND 1 (Shared): keys [B, K, D] with
+    visibility [B or 1, T, K]; KIND 2 (Gathered): slots [B or 1, T, K] (-1: none) into storage
+    [B or 1, L, D or bytes], plain or fp8 entries (FMT)."""
+    dmask = cols[None, :] < D
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if KIND == 1:
+            vis = tl.load(vis_ptr + b * vb + t * vt + k * vk, mask=k < K, other=0) != 0
+            keys = tl.load(ptr + b * sb + k[:, None] * sk + cols[None, :],
+                           mask=vis[:, None] & dmask, other=0.0).to(tl.float32)
+        else:
+            slot = tl.load(vis_ptr + b * vb + t * vt + k * vk, mask=k < K, other=-1)
+            vis = slot >= 0
+            row = ptr + b * sb + tl.maximum(slot, 0) * sk
+            if FMT == 1:
+                keys = _fp8_keys(row, vis, cols, NOPE, ROPE)
+            else:
+                keys = tl.load(row[:, None] + cols[None, :], mask=vis[:, None] & dmask,
+                               other=0.0).to(tl.float32)
+        m, l, acc = _update(q, keys, vis, m, l, acc, scale, DOT_BF16)
+    return m, l, acc
+
+
+@triton.jit
 def _sparse_attention_kernel(
         q_ptr, sink_ptr, out_ptr, T, H, scale,
         a_ptr, a_sb, a_sk, a_vis, a_vb, a_vt, a_vk, KA,
         b_ptr, b_sb, b_sk, b_vis, b_vb, b_vt, b_vk, KB,
-        B_KIND: tl.constexpr, B_FMT: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
+        A_KIND: tl.constexpr, A_FMT: tl.constexpr, B_KIND: tl.constexpr,
+        B_FMT: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr):
     bt = tl.program_id(0).to(tl.int64)
@@ -84,92 +113,67 @@ def _sparse_attention_kernel(
     m = tl.load(sink_ptr + heads, mask=hmask, other=0.0).to(tl.float32)
     l = tl.full([BLOCK_H], 1.0, tl.float32)  # exp(sink - sink)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    dmask = cols[None, :] < D
-    # source A: shared keys [B, KA, D] with visibility [B or 1, T, KA]
-    for k0 in range(0, KA, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        vis = tl.load(a_vis + b * a_vb + t * a_vt + k * a_vk, mask=k < KA, other=0) != 0
-        keys = tl.load(a_ptr + b * a_sb + k[:, None] * a_sk + cols[None, :],
-                       mask=vis[:, None] & dmask, other=0.0).to(tl.float32)
-        m, l, acc = _update(q, keys, vis, m, l, acc, scale, DOT_BF16)
-    if B_KIND == 1:  # shared, as A
-        for k0 in range(0, KB, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            vis = tl.load(b_vis + b * b_vb + t * b_vt + k * b_vk, mask=k < KB, other=0) != 0
-            keys = tl.load(b_ptr + b * b_sb + k[:, None] * b_sk + cols[None, :],
-                           mask=vis[:, None] & dmask, other=0.0).to(tl.float32)
-            m, l, acc = _update(q, keys, vis, m, l, acc, scale, DOT_BF16)
-    if B_KIND == 2:  # gathered: slots [B or 1, T, KB] (-1: none) into storage [B or 1, L, W]
-        for k0 in range(0, KB, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            slot = tl.load(b_vis + b * b_vb + t * b_vt + k * b_vk, mask=k < KB, other=-1)
-            vis = slot >= 0
-            row = b_ptr + b * b_sb + tl.maximum(slot, 0) * b_sk
-            if B_FMT == 1:
-                keys = _fp8_keys(row, vis, cols, NOPE, ROPE)
-            else:
-                keys = tl.load(row[:, None] + cols[None, :], mask=vis[:, None] & dmask,
-                               other=0.0).to(tl.float32)
-            m, l, acc = _update(q, keys, vis, m, l, acc, scale, DOT_BF16)
+    m, l, acc = _attend_source(q, m, l, acc, b, t, a_ptr, a_sb, a_sk, a_vis, a_vb, a_vt, a_vk,
+                               KA, cols, scale, A_KIND, A_FMT, NOPE, ROPE, D, BLOCK_K,
+                               DOT_BF16)
+    if B_KIND != 0:
+        m, l, acc = _attend_source(q, m, l, acc, b, t, b_ptr, b_sb, b_sk, b_vis, b_vb, b_vt,
+                                   b_vk, KB, cols, scale, B_KIND, B_FMT, NOPE, ROPE, D,
+                                   BLOCK_K, DOT_BF16)
     out = acc / l[:, None]
     tl.store(out_ptr + (bt * H + heads[:, None]) * D + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
-def _gathered_format(src: Gathered, dim: int) -> int | None:
-    """_PLAIN, _FP8, or None for a storage the kernel cannot read."""
+def _gathered_format(src: Gathered, dim: int) -> tuple[int, int] | None:
+    """(_PLAIN or _FP8, rope dims) of a gathered source, or None for a storage the kernel
+    cannot read."""
     if src.decode is None:
-        return _PLAIN if src.kv.shape[-1] == dim and src.kv.dtype.is_floating_point else None
+        ok = src.kv.shape[-1] == dim and src.kv.dtype in (torch.float32, torch.bfloat16)
+        return (_PLAIN, 0) if ok else None
     fmt = getattr(getattr(src.decode, "func", None), "__self__", None)
     if isinstance(fmt, EntryFormat) and fmt.kind == "fp8_main" and fmt.dim == dim:
-        return _FP8
+        return _FP8, fmt.rope_dim
     return None
 
 
-def _shared_args(src: Shared, b: int) -> tuple:
-    keys = src.keys if src.keys.stride(-1) == 1 else src.keys.contiguous()
-    vis = src.visible.view(torch.uint8)
-    vb = 0 if vis.shape[0] == 1 else vis.stride(0)
-    return (keys, 0 if keys.shape[0] == 1 else keys.stride(0), keys.stride(1), vis, vb,
-            vis.stride(1), vis.stride(2), keys.shape[1])
+def _source_args(src: Gathered | Shared, dim: int) -> tuple[tuple, int, int, int] | None:
+    """(kernel arguments, kind, format, rope dims) of one source; None if it cannot be read."""
+    if isinstance(src, Shared):
+        if src.keys.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        keys = src.keys if src.keys.stride(-1) == 1 else src.keys.contiguous()
+        vis = src.visible.view(torch.uint8)
+        return ((keys, 0 if keys.shape[0] == 1 else keys.stride(0), keys.stride(1), vis,
+                 0 if vis.shape[0] == 1 else vis.stride(0), vis.stride(1), vis.stride(2),
+                 keys.shape[1]), 1, _PLAIN, 0)
+    fmt = _gathered_format(src, dim)
+    if fmt is None:
+        return None
+    store = src.kv if src.kv.stride(-1) == 1 else src.kv.contiguous()
+    idx = src.idx
+    return ((store, 0 if store.shape[0] == 1 else store.stride(0), store.stride(1), idx,
+             0 if idx.shape[0] == 1 else idx.stride(0), idx.stride(1), idx.stride(2),
+             idx.shape[2]), 2, *fmt)
 
 
 def sparse_attention(q: torch.Tensor, sources: list[Gathered | Shared], sink: torch.Tensor,
                      scale: float) -> torch.Tensor:
     bsz, t, h, d = q.shape
-    kinds = [type(s) for s in sources]
-    ok = supported(q) and len(sources) in (1, 2) and kinds[0] is Shared and d <= 1024
-    fmt = None
-    if ok and len(sources) == 2 and kinds[1] is Gathered:
-        fmt = _gathered_format(sources[1], d)
-        ok = fmt is not None
-    if ok and any(s.keys.dtype not in (torch.float32, torch.bfloat16)
-                  for s in sources if isinstance(s, Shared)):
-        ok = False
-    if not ok:
+    parsed = ([_source_args(s, d) for s in sources]
+              if supported(q) and len(sources) in (1, 2) and d <= 1024 else [None])
+    ropes = {p[3] for p in parsed if p is not None and p[2] == _FP8}
+    if any(p is None for p in parsed) or len(ropes) > 1:
         return sparse_attention_torch(q, sources, sink, scale)
     qc = q.contiguous()
     out = torch.empty_like(qc)
-    a = _shared_args(sources[0], bsz)
-    b_kind, nope, rope = 0, d, 0
-    b = (qc, 0, 0, qc, 0, 0, 0, 0)  # unused pointers when there is no second source
-    if len(sources) == 2 and isinstance(sources[1], Shared):
-        b_kind, b = 1, _shared_args(sources[1], bsz)
-    elif len(sources) == 2:
-        src = sources[1]
-        store = src.kv if src.kv.stride(-1) == 1 else src.kv.contiguous()
-        idx = src.idx
-        b_kind = 2
-        b = (store, 0 if store.shape[0] == 1 else store.stride(0), store.stride(1), idx,
-             0 if idx.shape[0] == 1 else idx.stride(0), idx.stride(1), idx.stride(2),
-             idx.shape[2])
-        if fmt == _FP8:
-            rope = src.decode.func.__self__.rope_dim
-            nope = d - rope
+    rope = ropes.pop() if ropes else 0
+    a = parsed[0]
+    b = parsed[1] if len(parsed) == 2 else ((qc, 0, 0, qc, 0, 0, 0, 0), 0, _PLAIN, 0)
     block_h = 16  # tl.dot's smallest tile; fewer heads are masked
     _sparse_attention_kernel[(bsz * t, triton.cdiv(h, block_h))](
-        qc, sink.float().contiguous(), out, t, h, scale, *a, *b, B_KIND=b_kind,
-        B_FMT=fmt or 0, NOPE=nope, ROPE=rope, D=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_H=block_h, BLOCK_K=16,
+        qc, sink.float().contiguous(), out, t, h, scale, *a[0], *b[0], A_KIND=a[1],
+        A_FMT=a[2], B_KIND=b[1], B_FMT=b[2], NOPE=d - rope, ROPE=rope, D=d,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_H=block_h, BLOCK_K=16,
         DOT_BF16=q.dtype == torch.bfloat16 and not interpreting())
     return out

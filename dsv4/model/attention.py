@@ -265,9 +265,18 @@ class Attention(nn.Module):
     def _attend_rows(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor,
                      kv: torch.Tensor, positions: torch.Tensor, store: BatchedLayerStore
                      ) -> torch.Tensor:
-        """R single-token sequences at once (x [R, dim], q [R, H, D], kv [R, D]) -> [R, H, D]."""
-        win_keys, win_valid = store.window(kv)  # [R, W, D], [R, W]
-        sources: list[Gathered | Shared] = [Shared(win_keys, win_valid.unsqueeze(1))]
+        """R single-token sequences at once (x [R, dim], q [R, H, D], kv [R, D]) -> [R, H, D].
+
+        With the Triton attention the window and the dense compressed entries are handed over
+        as cache slots (Gathered), read in place by the kernel; the torch code gets vectors."""
+        in_place = OPS.triton("sparse_attention")
+        if in_place:
+            win_storage, win_slots, win_decode = store.window_entries(kv)  # [R, W] slots
+            sources: list[Gathered | Shared] = [Gathered(win_storage, win_slots.unsqueeze(1),
+                                                         win_decode)]
+        else:
+            win_keys, win_valid = store.window(kv)  # [R, W, D], [R, W]
+            sources = [Shared(win_keys, win_valid.unsqueeze(1))]
         if self.compressor is not None:
             self.compressor.decode_step(x, positions, store.compressor)
             if self.indexer is not None:
@@ -276,7 +285,9 @@ class Attention(nn.Module):
             if n_entries:
                 # [1, S, ...], [R, E] (-1: none), decoder
                 storage, slots, decode = store.compressor.entry_slots()
-                if self.indexer is None or n_entries <= self.config.index_topk:
+                if (self.indexer is None or n_entries <= self.config.index_topk) and in_place:
+                    sources.append(Gathered(storage, slots.unsqueeze(1), decode))
+                elif self.indexer is None or n_entries <= self.config.index_topk:
                     dense = _read(storage[0][slots.clamp_min(0)], decode)  # [R, E, D]
                     sources.append(Shared(dense, (slots >= 0).unsqueeze(1)))
                 else:

@@ -129,6 +129,11 @@ class _OpTable:
         setattr(self, name, fn)
         return fn
 
+    def triton(self, name: str) -> bool:
+        """Whether op `name` runs its Triton kernel (for call sites that hand it another input
+        form, such as cache slots instead of gathered keys)."""
+        return self.choices[name] == "triton"
+
     def set(self, choices: dict[str, str]) -> None:
         for name in SPECS:
             self.__dict__.pop(name, None)

@@ -88,3 +88,20 @@ def test_triton_sparse_attention_unknown_decoder_falls_back(kernel_device):
     idx = torch.randint(0, 10, (B, T, 4), generator=g).to(kernel_device)
     src = Gathered(storage, idx, lambda rows: rows * 2)  # a decoder the kernel cannot read
     _check(q, [_window(kernel_device, g), src], sink, kernel_device)
+
+
+def test_triton_sparse_attention_window_and_entries_both_in_place(kernel_device):
+    """The batched decode path with the Triton attention: the window and all compressed entries
+    are cache slots too (fp8 window entries, plain compressed ones)."""
+    g, q, sink = _inputs(kernel_device, 5)
+    fmt = entry_format("fp8", D, ROPE)
+    vectors = fake_quant_kv(torch.randn(24, D, generator=g), ROPE)
+    window = fmt.encode(vectors).unsqueeze(0).to(kernel_device)
+    decode = functools.partial(fmt.decode, dtype=torch.float32)
+    win_slots = torch.randint(0, 24, (B, 1, 10), generator=g)
+    win_slots[0, 0, :4] = -1  # positions before the sequence start
+    entries = torch.randn(1, 9, D, generator=g).to(kernel_device)
+    entry_slots = torch.tensor([[[0, 1, 2, -1]], [[5, 6, 7, 8]]])
+    q1 = q[:, :1]  # one query per row, as decode rows are
+    _check(q1, [Gathered(window, win_slots.to(kernel_device), decode),
+                Gathered(entries, entry_slots.to(kernel_device))], sink, kernel_device)
