@@ -47,6 +47,16 @@ def _fp4_tile(w_tab, s_tab, e, rows, cols, n_rows, K):
 
 
 @triton.jit
+def _tile(tile_e, tile_start, seg_end, BLOCK_M: tl.constexpr):
+    """This program's tile: (expert id, -1 for a spare tile; its sorted pair rows; which rows
+    belong to the expert)."""
+    tile = tl.program_id(0)
+    e = tl.load(tile_e + tile)
+    rows = tl.load(tile_start + tile) + tl.arange(0, BLOCK_M)
+    return e, rows, rows < tl.load(seg_end + tl.maximum(e, 0))
+
+
+@triton.jit
 def _dot(a, b, EMULATE: tl.constexpr):
     if EMULATE:
         return tl.dot(a.to(tl.float32), tl.trans(b), input_precision="ieee")
@@ -58,14 +68,9 @@ def _gate_up_kernel(x_ptr, pair_tok, pair_w, tile_e, tile_start, seg_end, w1_tab
                     w3_tab, s3_tab, h_ptr, DIM, INTER, limit, K_PICKS: tl.constexpr,
                     EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
-    tile = tl.program_id(0)
-    e = tl.load(tile_e + tile)
+    e, rows, rmask = _tile(tile_e, tile_start, seg_end, BLOCK_M)
     if e < 0:
         return
-    start = tl.load(tile_start + tile)
-    end = tl.load(seg_end + e)
-    rows = start + tl.arange(0, BLOCK_M)  # sorted pair indices
-    rmask = rows < end
     tok = tl.load(pair_tok + rows, mask=rmask, other=0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -89,14 +94,9 @@ def _gate_up_kernel(x_ptr, pair_tok, pair_w, tile_e, tile_start, seg_end, w1_tab
 def _down_kernel(h_ptr, tile_e, tile_start, seg_end, w2_tab, s2_tab, out_ptr, DIM, INTER,
                  EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    tile = tl.program_id(0)
-    e = tl.load(tile_e + tile)
+    e, rows, rmask = _tile(tile_e, tile_start, seg_end, BLOCK_M)
     if e < 0:
         return
-    start = tl.load(tile_start + tile)
-    end = tl.load(seg_end + e)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, INTER, BLOCK_K):
