@@ -16,7 +16,7 @@ from dsv4.kernels.common import supported
 from dsv4.model.mhc import hc_post as hc_post_torch
 from dsv4.model.mhc import hc_pre as hc_pre_torch
 
-__all__ = ["hc_pre", "hc_post"]
+__all__ = ["hc_post", "hc_pre"]
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""RMSNorm in one pass per row: y = weight * x * rsqrt(mean(x^2) + eps), fp32 math, x's dtype out."""
+"""RMSNorm, one pass per row: y = weight * x * rsqrt(mean(x^2) + eps) in fp32, x's dtype out."""
 
 from __future__ import annotations
 

@@ -27,8 +27,16 @@ import torch
 
 from dsv4 import env
 
-__all__ = ["OPS", "OpSpec", "SPECS", "BACKENDS", "configure", "parse_spec", "resolve",
-           "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "OPS",
+    "SPECS",
+    "OpSpec",
+    "configure",
+    "parse_spec",
+    "resolve",
+    "triton_available",
+]
 
 _log = logging.getLogger("dsv4.ops")
 BACKENDS = ("torch", "triton")

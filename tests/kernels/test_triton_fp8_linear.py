@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from dsv4.kernels.fp8_linear import fp8_linear  # noqa: E402
-from dsv4.model.linear import fp8_linear as linear_torch  # noqa: E402
-from dsv4.quant import quant_fp8_blocks  # noqa: E402
+from dsv4.kernels.fp8_linear import fp8_linear
+from dsv4.model.linear import fp8_linear as linear_torch
+from dsv4.quant import quant_fp8_blocks
 
 
 @pytest.mark.parametrize("ue8m0", [True, False])

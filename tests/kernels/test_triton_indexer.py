@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from dsv4.cache.kv_format import entry_format  # noqa: E402
-from dsv4.kernels.indexer import indexer_scores, indexer_scores_paged, select_topk  # noqa: E402
-from dsv4.model.indexer import indexer_scores as scores_torch  # noqa: E402
-from dsv4.model.indexer import select_topk as topk_torch  # noqa: E402
-from dsv4.quant import fake_quant_fp4  # noqa: E402
+from dsv4.cache.kv_format import entry_format
+from dsv4.kernels.indexer import indexer_scores, indexer_scores_paged, select_topk
+from dsv4.model.indexer import indexer_scores as scores_torch
+from dsv4.model.indexer import select_topk as topk_torch
+from dsv4.quant import fake_quant_fp4
 
 
 def _q(kernel_device, g, b=2, t=3, h=3, d=32):
@@ -57,7 +57,8 @@ def test_triton_topk_ties_go_to_the_lower_id(kernel_device):
 def test_triton_topk_ragged_visibility_and_empty_rows(kernel_device):
     g = torch.Generator().manual_seed(2)
     scores = torch.randint(0, 4, (2, 3, 37), generator=g).float().to(kernel_device)  # many ties
-    visible = torch.arange(37, device=kernel_device) < torch.tensor([0, 5, 37], device=kernel_device)[:, None]
+    counts = torch.tensor([0, 5, 37], device=kernel_device)
+    visible = torch.arange(37, device=kernel_device) < counts[:, None]
     got = select_topk(scores, visible.expand(2, 3, 37), 8)
     assert torch.equal(got, topk_torch(scores, visible.expand(2, 3, 37), 8))
     assert torch.all(got[:, 0] == -1)  # nothing visible

@@ -7,10 +7,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from dsv4.kernels.mhc import hc_post, hc_pre  # noqa: E402
-from dsv4.kernels.window_pool import window_pool  # noqa: E402
-from dsv4.model.compressor import window_pool as pool_torch  # noqa: E402
-from dsv4.model.mhc import hc_post as post_torch, hc_pre as pre_torch  # noqa: E402
+from dsv4.kernels.mhc import hc_post, hc_pre
+from dsv4.kernels.window_pool import window_pool
+from dsv4.model.compressor import window_pool as pool_torch
+from dsv4.model.mhc import hc_post as post_torch
+from dsv4.model.mhc import hc_pre as pre_torch
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 40), (5, 128, 24), (1, 1, 4, 200)])

@@ -8,9 +8,10 @@ from conftest import tiny_config
 
 pytest.importorskip("triton")
 
-from dsv4.kernels.moe import routed_experts  # noqa: E402
-from dsv4.model.moe import MoE, routed_experts as experts_torch  # noqa: E402
-from dsv4.quant import quant_fp4_rows  # noqa: E402
+from dsv4.kernels.moe import routed_experts
+from dsv4.model.moe import MoE
+from dsv4.model.moe import routed_experts as experts_torch
+from dsv4.quant import quant_fp4_rows
 
 
 def _moe(device, limit=10.0):

@@ -10,12 +10,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from dsv4.cache.kv_format import entry_format, write_entries as write_torch  # noqa: E402
-from dsv4.kernels.kv_cache import fake_quant_kv, write_entries  # noqa: E402
-from dsv4.kernels.rms_norm import rms_norm  # noqa: E402
-from dsv4.kernels.rope import apply_rope  # noqa: E402
-from dsv4.model.layers import apply_rope as rope_torch, rms_norm as rms_torch  # noqa: E402
-from dsv4.quant import fake_quant_kv as fq_torch  # noqa: E402
+from dsv4.cache.kv_format import entry_format
+from dsv4.cache.kv_format import write_entries as write_torch
+from dsv4.kernels.kv_cache import fake_quant_kv, write_entries
+from dsv4.kernels.rms_norm import rms_norm
+from dsv4.kernels.rope import apply_rope
+from dsv4.model.layers import apply_rope as rope_torch
+from dsv4.model.layers import rms_norm as rms_torch
+from dsv4.quant import fake_quant_kv as fq_torch
 
 
 @pytest.mark.parametrize("shape", [(3, 64), (2, 5, 48), (1, 1, 1, 40)])
@@ -46,7 +48,8 @@ def test_triton_rope_matches_torch_for_every_broadcast(kernel_device, inverse):
     cos, sin = ang.cos().to(kernel_device), ang.sin().to(kernel_device)
     q = torch.randn(2, 4, 3, 40, generator=g).to(kernel_device)  # [B, T, H, D]: cos [T, 1, r/2]
     kv = torch.randn(2, 4, 40, generator=g).to(kernel_device)  # [B, T, D]: cos [T, r/2]
-    qi = torch.randn(1, 4, 2, 16, generator=g).to(kernel_device)  # all dims rotated, cos [1, T, 1, r/2]
+    # all dims rotated, cos [1, T, 1, r/2]
+    qi = torch.randn(1, 4, 2, 16, generator=g).to(kernel_device)
     for x, c, s in ((q, cos[:, None], sin[:, None]), (kv, cos, sin),
                     (qi, cos[None, :, None], sin[None, :, None])):
         got = apply_rope(x, c, s, inverse)

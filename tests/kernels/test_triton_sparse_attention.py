@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from dsv4.cache.kv_format import entry_format  # noqa: E402
-from dsv4.kernels.sparse_attention import sparse_attention  # noqa: E402
-from dsv4.model.attention import Gathered, Shared  # noqa: E402
-from dsv4.model.attention import sparse_attention as attention_torch  # noqa: E402
-from dsv4.quant import fake_quant_kv  # noqa: E402
+from dsv4.cache.kv_format import entry_format
+from dsv4.kernels.sparse_attention import sparse_attention
+from dsv4.model.attention import Gathered, Shared
+from dsv4.model.attention import sparse_attention as attention_torch
+from dsv4.quant import fake_quant_kv
 
 B, T, H, D, ROPE = 2, 3, 3, 64, 16
 
@@ -67,7 +67,8 @@ def test_triton_sparse_attention_topk_plain_storage(kernel_device, pool):
     idx = torch.randint(0, 40, (B, T, 18), generator=g)  # 18 > one tile
     idx[0, 0, 5:] = -1  # ragged: fewer entries than k
     idx[1, 2] = -1  # none at all
-    _check(q, [_window(kernel_device, g), Gathered(storage, idx.to(kernel_device))], sink, kernel_device)
+    src = Gathered(storage, idx.to(kernel_device))
+    _check(q, [_window(kernel_device, g), src], sink, kernel_device)
 
 
 def test_triton_sparse_attention_topk_fp8_storage_read_in_place(kernel_device):
@@ -78,7 +79,8 @@ def test_triton_sparse_attention_topk_fp8_storage_read_in_place(kernel_device):
     decode = functools.partial(fmt.decode, dtype=torch.float32)  # as KVCache.decoder gives
     idx = torch.randint(0, 30, (B, T, 5), generator=g)
     idx[0, 1, 2:] = -1
-    got = _check(q, [_window(kernel_device, g), Gathered(storage, idx.to(kernel_device), decode)], sink, kernel_device)
+    src = Gathered(storage, idx.to(kernel_device), decode)
+    got = _check(q, [_window(kernel_device, g), src], sink, kernel_device)
     assert got.shape == q.shape
 
 
