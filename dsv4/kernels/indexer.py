@@ -20,6 +20,7 @@ import triton.language as tl
 from dsv4.cache.kv_format import EntryFormat
 from dsv4.kernels.common import interpreting, supported
 from dsv4.kernels.fp8 import e2m1_value, ue8m0_value
+from dsv4.model.indexer import KeySlots
 from dsv4.model.indexer import indexer_scores as indexer_scores_torch
 from dsv4.model.indexer import select_topk as select_topk_torch
 
@@ -83,8 +84,17 @@ def _launch(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
     return out
 
 
-def indexer_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """q [B, T, H, D], keys [B, E, D] (vectors), weights [B, T, H] -> [B, T, E] fp32."""
+def indexer_scores(q: torch.Tensor, keys: torch.Tensor | KeySlots,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """q [B, T, H, D], keys [B, E, D] (vectors) or KeySlots (read in place), weights [B, T, H]
+    -> [B, T, E] fp32."""
+    if isinstance(keys, KeySlots):
+        fmt = (getattr(getattr(keys.decode, "func", None), "__self__", None)
+               if keys.decode is not None else None)
+        if keys.decode is not None and not isinstance(fmt, EntryFormat):
+            raise ValueError("indexer keys: a decoder the kernel cannot read")
+        fmt = fmt or EntryFormat("plain", q.shape[-1], 0, keys.storage.dtype)
+        return indexer_scores_paged(q, keys.storage, keys.slots, weights, fmt)
     d = q.shape[-1]
     if (not supported(q, keys) or d & (d - 1) or d < 16 or q.shape[2] > 128
             or q.dtype == torch.float64):
@@ -98,10 +108,14 @@ def indexer_scores_paged(q: torch.Tensor, storage: torch.Tensor, slots: torch.Te
     (-1: none, scored 0) -> [B, T, E]. fp4_key entries are decoded in the kernel."""
     d = q.shape[-1]
     if fmt.kind not in ("plain", "fp4_key") or not supported(q) or d & (d - 1) or d < 32:
-        rows = storage[0][slots.clamp_min(0)] if storage.shape[0] == 1 else \
-            storage.gather(1, slots.clamp_min(0).unsqueeze(-1).expand(-1, -1, storage.shape[-1]))
-        keys = fmt.decode(rows, torch.float32) * (slots >= 0).unsqueeze(-1)
-        return indexer_scores_torch(q, keys, weights)
+        idx = slots.clamp_min(0)
+        if storage.shape[0] == 1:
+            rows = storage[0][idx]
+        else:
+            idx = idx.expand(storage.shape[0], -1).unsqueeze(-1)
+            rows = storage.gather(1, idx.expand(-1, -1, storage.shape[-1]))
+        keys = fmt.decode(rows, torch.promote_types(q.dtype, torch.float32))
+        return indexer_scores_torch(q, keys, weights)  # -1 slots: junk scores, never visible
     return _launch(q, weights, storage, slots.contiguous(), fmt.kind == "fp4_key",
                    slots.shape[-1])
 

@@ -26,7 +26,7 @@ from dsv4.config import ModelConfig
 from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.cache_store import BatchedLayerStore, LayerStore
 from dsv4.model.compressor import Compressor
-from dsv4.model.indexer import Indexer
+from dsv4.model.indexer import Indexer, KeySlots
 from dsv4.model.layers import RMSNorm, RotaryEmbedding, rms_normalize, upcast
 from dsv4.model.linear import Linear, split
 from dsv4.ops import OPS
@@ -234,7 +234,9 @@ class Attention(nn.Module):
                 dense = _read(storage[:, slots], decode)  # [B, E, D]
             else:
                 key_storage, key_slots, key_decode = store.indexer.entry_slots(n_entries)
-                keys = _read(key_storage[:, key_slots], key_decode)
+                keys = (KeySlots(key_storage, key_slots.unsqueeze(0), key_decode)
+                        if OPS.triton("indexer_scores")  # read in place by the kernel
+                        else _read(key_storage[:, key_slots], key_decode))
         ids = torch.arange(n_entries, device=x.device)
         chosen = None  # csa past top-k: entry ids per query, picked for the whole chunk at once
         if dense is None and n_entries:
@@ -292,7 +294,9 @@ class Attention(nn.Module):
                     sources.append(Shared(dense, (slots >= 0).unsqueeze(1)))
                 else:
                     key_storage, key_slots, key_decode = store.indexer.entry_slots()
-                    keys = _read(key_storage[0][key_slots.clamp_min(0)], key_decode)
+                    keys = (KeySlots(key_storage, key_slots, key_decode)
+                            if OPS.triton("indexer_scores")  # read in place by the kernel
+                            else _read(key_storage[0][key_slots.clamp_min(0)], key_decode))
                     ids = self.indexer.select(x[:, None], q_lora[:, None], positions[:, None],
                                               keys)[:, 0]  # [R, k]
                     slot_idx = torch.where(ids >= 0, slots.gather(1, ids.clamp_min(0)), -1)

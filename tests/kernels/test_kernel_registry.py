@@ -76,9 +76,9 @@ def test_kernel_model_through_triton_ops_matches_torch(tiny_checkpoint, restore_
 
 @pytest.mark.slow
 def test_kernel_engine_fp8_cache_through_triton_ops(tiny_checkpoint, restore_ops):
-    """The engine's paged fp8 cache (584-byte-style entries written by the kv_write kernel, top-k
-    entries read in place by the attention kernel, batched decode rows): greedy tokens equal
-    the torch path's. Only the cache ops are forced (the interpreter is slow; the test above
+    """The engine's paged fp8 cache (584-byte-style entries written by the kv_write kernel; window,
+    entries and FP4 indexer keys read in place by the attention and indexer kernels; batched
+    decode rows): greedy tokens equal the torch path's. Only the cache ops are forced (the interpreter is slow; the test above
     runs every op)."""
     pytest.importorskip("triton")
     from dsv4.llm import LLM
@@ -88,7 +88,8 @@ def test_kernel_engine_fp8_cache_through_triton_ops(tiny_checkpoint, restore_ops
     prompts = [list(range(3, 12)), list(range(40, 45))]  # two decode rows, ragged
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     outs = {}
-    cache_ops = "kv_write=triton,kv_quant=triton,sparse_attention=triton,indexer_topk=triton"
+    cache_ops = ("kv_write=triton,kv_quant=triton,sparse_attention=triton,"
+                 "indexer_scores=triton,indexer_topk=triton")
     for ops in ("all=torch", cache_ops):
         llm = LLM(path, device="cpu", kv_cache_dtype="fp8", kv_cache_memory=16 << 20,
                   max_model_len=64, block_size=16, ops=ops, enable_prefix_caching=False)

@@ -3,6 +3,8 @@ and the deterministic top-k: Triton kernels vs dsv4.model.indexer (fp32 under th
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ pytest.importorskip("triton")
 
 from dsv4.cache.kv_format import entry_format
 from dsv4.kernels.indexer import indexer_scores, indexer_scores_paged, select_topk
+from dsv4.model.indexer import KeySlots
 from dsv4.model.indexer import indexer_scores as scores_torch
 from dsv4.model.indexer import select_topk as topk_torch
 from dsv4.quant import fake_quant_fp4
@@ -37,9 +40,13 @@ def test_triton_indexer_scores_read_keys_in_place(kernel_device, cache):
     storage = fmt.encode(vectors).unsqueeze(0).to(kernel_device)  # [1, 12, 20 bytes or 32]
     slots = torch.tensor([[3, 0, 7, 11, 5], [1, 2, -1, -1, -1]], device=kernel_device)  # ragged
     got = indexer_scores_paged(q, storage, slots, w, fmt)
-    keys = vectors.to(kernel_device)[slots.clamp_min(0)] * (slots >= 0).unsqueeze(-1)
-    torch.testing.assert_close(got, scores_torch(q, keys, w), rtol=1e-5, atol=1e-5)
-    assert torch.all(got[1, :, 2:] == 0)  # missing entries score 0
+    keys = vectors.to(kernel_device)[slots.clamp_min(0)]
+    want = scores_torch(q, keys, w)
+    present = (slots >= 0).unsqueeze(1).expand_as(want)  # -1 slots: never visible, any score
+    torch.testing.assert_close(got[present], want[present], rtol=1e-5, atol=1e-5)
+    decode = functools.partial(fmt.decode, dtype=torch.float32) if fmt.encoded else None
+    via_op = indexer_scores(q, KeySlots(storage, slots, decode), w)  # the model's form
+    assert torch.equal(via_op, got)
 
 
 def test_triton_topk_ties_go_to_the_lower_id(kernel_device):
