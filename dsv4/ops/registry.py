@@ -3,7 +3,8 @@
 Every op has its torch implementation (the model's own code: the reference, and the fallback
 everywhere) and, where one is written, a Triton kernel in dsv4.kernels. The choice is made once
 when a model is loaded (`configure(device, spec)`): on CUDA with triton importable an op runs its
-Triton kernel where one exists, on every other device torch. `spec` (the engine's ``--ops``, else
+Triton kernel where one exists and the GPU's compute capability suffices, on every other device
+torch. `spec` (the engine's ``--ops``, else
 $DSV4_OPS) forces single ops, e.g. "rms_norm=torch,sparse_attention=triton" ("all=torch" sets
 every op). Forcing Triton on a CPU device is allowed only under Triton's interpreter
 (TRITON_INTERPRET=1), which is how the tests drive the model through the kernels.
@@ -47,6 +48,9 @@ class OpSpec:
     name: str
     torch: str  # "module:function" of the reference implementation
     triton: str | None  # "module:function" of the Triton kernel's wrapper, if one is written
+    # the CUDA compute capability the kernel needs: bf16 dots from Ampere (8.0); the hardware
+    # e4m3 cast of the FP8 linear from Ada / Hopper (8.9)
+    capability: tuple[int, int] = (8, 0)
 
 
 SPECS: dict[str, OpSpec] = {s.name: s for s in (
@@ -65,7 +69,8 @@ SPECS: dict[str, OpSpec] = {s.name: s for s in (
            "dsv4.kernels.indexer:indexer_scores"),
     OpSpec("indexer_topk", "dsv4.model.indexer:select_topk", "dsv4.kernels.indexer:select_topk"),
     OpSpec("moe_experts", "dsv4.model.moe:routed_experts", "dsv4.kernels.moe:routed_experts"),
-    OpSpec("fp8_linear", "dsv4.model.linear:fp8_linear", "dsv4.kernels.fp8_linear:fp8_linear"),
+    OpSpec("fp8_linear", "dsv4.model.linear:fp8_linear", "dsv4.kernels.fp8_linear:fp8_linear",
+           (8, 9)),
 )}
 
 
@@ -98,17 +103,27 @@ def parse_spec(spec: str | None) -> dict[str, str]:
     return out
 
 
-def resolve(device: torch.device | str, spec: str | None = None) -> dict[str, str]:
-    """The backend of every op on `device` with `spec`'s choices (None: $DSV4_OPS) forced."""
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA device's compute capability (None: not a usable CUDA device)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def resolve(device: torch.device | str, spec: str | None = None,
+            capability: tuple[int, int] | None = None) -> dict[str, str]:
+    """The backend of every op on `device` with `spec`'s choices (None: $DSV4_OPS) forced;
+    `capability` overrides the device's (tests)."""
     device = torch.device(device)
     forced = parse_spec(env.ops_overrides() if spec is None else spec)
     have_triton = triton_available()
-    gpu = device.type == "cuda" and have_triton
+    cap = capability or _capability(device)
     table = {}
     for name, op in SPECS.items():
         want = forced.get(name, "auto")
+        fits = have_triton and cap is not None and cap >= op.capability
         if want == "auto":
-            table[name] = "triton" if gpu and op.triton else "torch"
+            table[name] = "triton" if fits and op.triton else "torch"
             continue
         if want == "triton":
             if op.triton is None:
@@ -118,6 +133,10 @@ def resolve(device: torch.device | str, spec: str | None = None) -> dict[str, st
             if device.type != "cuda" and not env.triton_interpret():
                 raise ValueError(f"ops: {name}=triton needs a CUDA device (or Triton's CPU "
                                  f"interpreter, TRITON_INTERPRET=1), not {device.type}")
+            if device.type == "cuda" and cap is not None and cap < op.capability:
+                raise ValueError(f"ops: {name}=triton needs compute capability "
+                                 f"{op.capability[0]}.{op.capability[1]}, this GPU has "
+                                 f"{cap[0]}.{cap[1]}")
         table[name] = want
     return table
 

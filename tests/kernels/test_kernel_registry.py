@@ -23,11 +23,15 @@ def restore_ops():
 def test_kernel_registry_cpu_defaults_to_torch_and_cuda_to_triton(monkeypatch):
     monkeypatch.delenv("DSV4_OPS", raising=False)
     assert set(resolve("cpu").values()) == {"torch"}
-    cuda = resolve("cuda")
-    with_kernel = {n for n, s in SPECS.items() if s.triton}
-    have_triton = pytest.importorskip("triton") is not None
-    assert {n for n, b in cuda.items() if b == "triton"} == (with_kernel if have_triton else set())
-    assert resolve("cuda", "rms_norm=torch")["rms_norm"] == "torch"
+    pytest.importorskip("triton")
+    hopper = resolve("cuda", capability=(9, 0))
+    assert {n for n, b in hopper.items() if b == "triton"} == {
+        n for n, s in SPECS.items() if s.triton}
+    ampere = resolve("cuda", capability=(8, 0))
+    assert ampere["fp8_linear"] == "torch" and ampere["sparse_attention"] == "triton"
+    with pytest.raises(ValueError, match="fp8_linear=triton needs compute capability 8.9"):
+        resolve("cuda", "fp8_linear=triton", capability=(8, 0))
+    assert resolve("cuda", "rms_norm=torch", capability=(9, 0))["rms_norm"] == "torch"
 
 
 def test_kernel_registry_spec_errors_name_the_field(monkeypatch):
