@@ -31,6 +31,7 @@ import torch
 
 from dsv4.distributed import ParallelConfig
 from dsv4.engine.launch_plan import LaunchError, LaunchPlan
+from dsv4.ops import parse_spec as parse_ops
 
 if TYPE_CHECKING:
     from dsv4.engine.llm_engine import LLMEngine
@@ -142,6 +143,10 @@ class EngineArgs:
     dist_init_addr: str | None = field(default=None, metadata=_opt(
         "HOST:PORT of node 0 where the ranks meet (needed with --nnodes > 1)",
         metavar="HOST:PORT"))
+    ops: str | None = field(default=None, metadata=_opt(
+        "backend per hot op, e.g. rms_norm=torch,sparse_attention=triton or all=torch (default: "
+        "$DSV4_OPS, else Triton kernels on CUDA where written, torch elsewhere)",
+        metavar="OP=BACKEND,..."))
     dist_timeout: float = field(default=120.0, metadata=_opt(
         "seconds a collective between ranks may take before the engine gives up (a dead or "
         "hung worker fails requests instead of hanging the server)", type=float))
@@ -175,6 +180,7 @@ class EngineArgs:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
         self.speculative_config = speculative_config_dict(self.speculative_config)
         self.parallel_config()  # a layout that cannot exist fails here, naming the sizes
+        parse_ops(self.ops)  # a bad op or backend name fails here, naming it
         if not isinstance(self.dist_timeout, (int, float)) or self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be a positive number of seconds, got "
                              f"{self.dist_timeout!r}")
@@ -239,7 +245,7 @@ class EngineArgs:
         from dsv4.model.loader import load_model
 
         model = load_model(self.model_path(), device=self.device, dtype=self.torch_dtype,
-                           emulate_quant=self.emulate_quant, progress=progress)
+                           emulate_quant=self.emulate_quant, progress=progress, ops=self.ops)
         return LLMEngine(model, self.create_engine_config(model), eos_token_id)
 
     def launch_plan(self) -> LaunchPlan:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_dir", "api_key"]
+__all__ = ["cache_dir", "api_key", "ops_overrides", "triton_interpret"]
 
 
 def cache_dir() -> Path:
@@ -32,3 +32,15 @@ def torchrun() -> dict[str, str]:
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return {}
     return {k: os.environ[k] for k in TORCHRUN_VARIABLES if k in os.environ}
+
+
+def ops_overrides() -> str:
+    """$DSV4_OPS: per-op backend choices, e.g. "rms_norm=torch,sparse_attention=triton" ("" if
+    unset); dsv4.ops parses it."""
+    return os.environ.get("DSV4_OPS", "").strip()
+
+
+def triton_interpret() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter ($TRITON_INTERPRET=1): the only
+    way a Triton op may be chosen on a CPU device (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")

@@ -35,6 +35,22 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# The Triton kernel tests (tests/kernels) run in Triton's CPU interpreter where there is no GPU.
+# triton reads TRITON_INTERPRET when a kernel is decorated (@triton.jit, at import of
+# dsv4.kernels), so it is set here, before any test module is imported; nothing else reads it.
+# On a GPU (benchmarks/gpu_check.py) the kernels run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """Where the kernel tests run their kernels: the GPU if there is one, else the CPU
+    (interpreted)."""
+    return KERNEL_DEVICE
+
+
 def pytest_configure(config):
     """DSV4_TEST_THREADS=N runs the whole session on N torch threads (CI runs the suite once
     more with 1: results must not depend on how a reduction is split across threads)."""

@@ -19,7 +19,7 @@ LAYERS = [
     ("dsv4.config", "dsv4.errors", "dsv4.env", "dsv4.device", "dsv4.logs", "dsv4.quant",
      "dsv4.sampling_params", "dsv4.structured_outputs", "dsv4.distributed",
      "dsv4.tokenizer", "dsv4.encoding", "dsv4.detokenizer"),
-    ("dsv4.model", "dsv4.cache", "dsv4.demo"),
+    ("dsv4.model", "dsv4.cache", "dsv4.demo", "dsv4.ops", "dsv4.kernels"),
     ("dsv4.engine",),
     ("dsv4.engine_args", "dsv4.input_processor", "dsv4.output_processor", "dsv4.async_llm",
      "dsv4.llm", "dsv4.analysis"),

@@ -25,6 +25,7 @@ this module only stores and gathers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -34,6 +35,7 @@ from dsv4.cache.block_manager import BlockManager
 from dsv4.cache.kv_format import EntryFormat, entry_format
 from dsv4.cache.spec import DEFAULT_INDEX_CACHE_DTYPE
 from dsv4.config import ModelConfig
+from dsv4.ops import OPS
 
 __all__ = ["KVCache", "RequestView"]
 
@@ -107,12 +109,17 @@ class KVCache:
     def encode(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         return self.formats[kind].encode(x)
 
+    def write(self, kind: str, flat: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Encode x [n, D] as `kind` entries into rows `slots` of flat storage (the kv_write op)."""
+        OPS.kv_write(flat, slots, x, self.formats[kind])
+
     def decoder(self, kind: str) -> _Decoder | None:
         """How to turn stored rows of `kind` into compute-dtype vectors (None: as they are)."""
         fmt = self.formats[kind]
         if not fmt.encoded:
             return None
-        return lambda raw: fmt.decode(raw, self.compute_dtype)
+        # a partial, not a lambda: a kernel reads the format from it (decode.func.__self__)
+        return functools.partial(fmt.decode, dtype=self.compute_dtype)
 
     def read(self, kind: str, raw: torch.Tensor) -> torch.Tensor:
         decode = self.decoder(kind)
@@ -235,7 +242,7 @@ class _CompressorStore:
     def append(self, entries: torch.Tensor) -> None:
         slots = self.view.entry_slots(_kind(self.key), self.per_block,
                                       self.view.start_pos // self.ratio, entries.shape[1])
-        self.flat[slots] = self.view.cache.encode(self.key, entries[0])
+        self.view.cache.write(self.key, self.flat, slots, entries[0])
 
     def entry_slots(self, count: int) -> tuple[torch.Tensor, torch.Tensor, _Decoder | None]:
         return (self.flat.unsqueeze(0),
@@ -262,7 +269,7 @@ class _LayerStore:
         """Write the new chunk's vectors into their blocks (`window` is not needed here)."""
         start = self.view.start_pos
         slots = self.view.window_slots(start, start + kv.shape[1])
-        self.window_flat[slots] = self.view.cache.encode("swa", kv[0])
+        self.view.cache.write("swa", self.window_flat, slots, kv[0])
 
 
 class RequestView:
@@ -447,9 +454,19 @@ class _BatchedLayerStore:
         new token last) and which of those positions exist [R, W]."""
         slots, valid = self.group.window_slots()
         cache = self.group.cache
-        self.window_flat[slots[:, -1]] = cache.encode("swa", kv)
+        cache.write("swa", self.window_flat, slots[:, -1], kv)
         keys = cache.read("swa", self.window_flat[slots[:, :-1]])
         return torch.cat([keys.to(kv.dtype), kv.unsqueeze(1)], dim=1), valid
+
+    def window_entries(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                        _Decoder | None]:
+        """As window(), but the window stays in the cache: (storage [1, S, ...], slots [R, W]
+        with -1 for positions that do not exist, decoder)."""
+        slots, valid = self.group.window_slots()
+        cache = self.group.cache
+        cache.write("swa", self.window_flat, slots[:, -1], kv)
+        return (self.window_flat.unsqueeze(0), torch.where(valid, slots, -1),
+                cache.decoder("swa"))
 
 
 class _BatchedCompressorStore:
@@ -488,7 +505,7 @@ class _BatchedCompressorStore:
         ids = (self.group.positions[done] + 1) // self.ratio - 1
         table = self.table[done]
         slots = table.gather(1, (ids // self.per_block).unsqueeze(1))[:, 0] * self.per_block
-        self.flat[slots + ids % self.per_block] = self.group.cache.encode(self.key, entries)
+        self.group.cache.write(self.key, self.flat, slots + ids % self.per_block, entries)
         if self.overlap:  # the completed window becomes the previous one
             s, m = self.group.slots[done], self.ratio
             self.kv[s, :m] = self.kv[s, m:]

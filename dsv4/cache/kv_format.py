@@ -22,7 +22,7 @@ from dsv4.quant import (
     ue8m0_to_float,
 )
 
-__all__ = ["EntryFormat", "entry_format"]
+__all__ = ["EntryFormat", "entry_format", "write_entries"]
 
 
 def _pow2_scales(blocks: torch.Tensor, qmax: float) -> torch.Tensor:
@@ -108,3 +108,10 @@ def entry_format(cache_dtype: str, dim: int, rope_dim: int, key: bool = False) -
         return EntryFormat("fp4_key", dim, rope_dim, None)
     raise ValueError(f"cache dtype {cache_dtype!r} is not a {'key' if key else 'main'} format")
 
+
+
+def write_entries(flat: torch.Tensor, slots: torch.Tensor, x: torch.Tensor,
+                  fmt: EntryFormat) -> None:
+    """Encode vectors x [n, dim] and store them at rows `slots` [n] of the flat cache storage
+    [S, nbytes] (the `kv_write` op's reference)."""
+    flat[slots] = fmt.encode(x)

@@ -88,7 +88,8 @@ def load_rank(spec: RankSpec, rank: int, store: dist.Store, progress: bool = Fal
     ctx = ParallelContext.build(spec.parallel, rank, store, spec.backend,
                                 timedelta(seconds=spec.timeout_s))
     model = load_model(args.model_path(), device=device, dtype=args.torch_dtype,
-                       emulate_quant=args.emulate_quant, progress=progress, parallel=ctx)
+                       emulate_quant=args.emulate_quant, progress=progress, parallel=ctx,
+                       ops=args.ops)
     # ranks finish loading minutes apart (disks, nodes): meet first on the control group, which
     # has no practical timeout, before the first collective that has one
     ctx.control.barrier()

@@ -26,10 +26,10 @@ from dsv4.config import ModelConfig
 from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.cache_store import BatchedLayerStore, LayerStore
 from dsv4.model.compressor import Compressor
-from dsv4.model.indexer import Indexer
-from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, rms_normalize, upcast
+from dsv4.model.indexer import Indexer, KeySlots
+from dsv4.model.layers import RMSNorm, RotaryEmbedding, rms_normalize, upcast
 from dsv4.model.linear import Linear, split
-from dsv4.quant import fake_quant_kv
+from dsv4.ops import OPS
 
 __all__ = ["Attention", "Segment", "DecodeRows", "Gathered", "Shared", "sparse_attention",
            "gather_rows", "segment_positions"]
@@ -192,10 +192,10 @@ class Attention(nn.Module):
         if positions is None:
             positions = segment_positions(segments, x.shape[1], x.device)
         cos, sin = self.rope.step(positions)
-        q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
-        kv = apply_rope(kv, cos, sin)
+        q = OPS.rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+        kv = OPS.rope(kv, cos, sin)
         if self.emulate_quant:
-            kv = fake_quant_kv(kv, self.config.qk_rope_head_dim)
+            kv = OPS.kv_quant(kv, self.config.qk_rope_head_dim)
         o = torch.empty_like(q)
         for seg in segments:
             if isinstance(seg, DecodeRows):
@@ -208,7 +208,7 @@ class Attention(nn.Module):
             sl = slice(seg.begin, seg.end)
             o[:, sl] = self._attend(x[:, sl], q[:, sl], q_lora[:, sl], kv[:, sl],
                                     positions[sl], seg.start_pos, seg.store)
-        o = apply_rope(o, cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
+        o = OPS.rope(o, cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
         return self._project_out(o)
 
     def _attend(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor, kv: torch.Tensor,
@@ -234,7 +234,9 @@ class Attention(nn.Module):
                 dense = _read(storage[:, slots], decode)  # [B, E, D]
             else:
                 key_storage, key_slots, key_decode = store.indexer.entry_slots(n_entries)
-                keys = _read(key_storage[:, key_slots], key_decode)
+                keys = (KeySlots(key_storage, key_slots.unsqueeze(0), key_decode)
+                        if OPS.triton("indexer_scores")  # read in place by the kernel
+                        else _read(key_storage[:, key_slots], key_decode))
         ids = torch.arange(n_entries, device=x.device)
         chosen = None  # csa past top-k: entry ids per query, picked for the whole chunk at once
         if dense is None and n_entries:
@@ -259,15 +261,24 @@ class Attention(nn.Module):
                     idx = chosen[:, s:e]
                     slot_idx = torch.where(idx >= 0, slots[idx.clamp_min(0)], idx)
                     sources.append(Gathered(storage, slot_idx, decode))
-            outs.append(sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
+            outs.append(OPS.sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def _attend_rows(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor,
                      kv: torch.Tensor, positions: torch.Tensor, store: BatchedLayerStore
                      ) -> torch.Tensor:
-        """R single-token sequences at once (x [R, dim], q [R, H, D], kv [R, D]) -> [R, H, D]."""
-        win_keys, win_valid = store.window(kv)  # [R, W, D], [R, W]
-        sources: list[Gathered | Shared] = [Shared(win_keys, win_valid.unsqueeze(1))]
+        """R single-token sequences at once (x [R, dim], q [R, H, D], kv [R, D]) -> [R, H, D].
+
+        With the Triton attention the window and the dense compressed entries are handed over
+        as cache slots (Gathered), read in place by the kernel; the torch code gets vectors."""
+        in_place = OPS.triton("sparse_attention")
+        if in_place:
+            win_storage, win_slots, win_decode = store.window_entries(kv)  # [R, W] slots
+            sources: list[Gathered | Shared] = [Gathered(win_storage, win_slots.unsqueeze(1),
+                                                         win_decode)]
+        else:
+            win_keys, win_valid = store.window(kv)  # [R, W, D], [R, W]
+            sources = [Shared(win_keys, win_valid.unsqueeze(1))]
         if self.compressor is not None:
             self.compressor.decode_step(x, positions, store.compressor)
             if self.indexer is not None:
@@ -276,17 +287,21 @@ class Attention(nn.Module):
             if n_entries:
                 # [1, S, ...], [R, E] (-1: none), decoder
                 storage, slots, decode = store.compressor.entry_slots()
-                if self.indexer is None or n_entries <= self.config.index_topk:
+                if (self.indexer is None or n_entries <= self.config.index_topk) and in_place:
+                    sources.append(Gathered(storage, slots.unsqueeze(1), decode))
+                elif self.indexer is None or n_entries <= self.config.index_topk:
                     dense = _read(storage[0][slots.clamp_min(0)], decode)  # [R, E, D]
                     sources.append(Shared(dense, (slots >= 0).unsqueeze(1)))
                 else:
                     key_storage, key_slots, key_decode = store.indexer.entry_slots()
-                    keys = _read(key_storage[0][key_slots.clamp_min(0)], key_decode)
+                    keys = (KeySlots(key_storage, key_slots, key_decode)
+                            if OPS.triton("indexer_scores")  # read in place by the kernel
+                            else _read(key_storage[0][key_slots.clamp_min(0)], key_decode))
                     ids = self.indexer.select(x[:, None], q_lora[:, None], positions[:, None],
                                               keys)[:, 0]  # [R, k]
                     slot_idx = torch.where(ids >= 0, slots.gather(1, ids.clamp_min(0)), -1)
                     sources.append(Gathered(storage, slot_idx.unsqueeze(1), decode))
-        return sparse_attention(q.unsqueeze(1), sources, self.attn_sink, self.scale)[:, 0]
+        return OPS.sparse_attention(q.unsqueeze(1), sources, self.attn_sink, self.scale)[:, 0]
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
         g = self.n_groups

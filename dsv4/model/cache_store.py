@@ -143,3 +143,10 @@ class BatchedLayerStore(Protocol):
         """Store each row's new vector kv [R, D]; return its window [R, W, D] (oldest first, the
         new token last) and which of those positions exist [R, W]."""
         ...
+
+    def window_entries(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                        Decoder | None]:
+        """Store each row's new vector kv [R, D]; return the window where it lies, for a kernel
+        that reads the cache in place: (storage [1, S, ...], slots [R, W] oldest first, -1
+        where the position does not exist, decode). The new token is read back as stored."""
+        ...

@@ -14,11 +14,18 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.model.cache_store import BatchedCompressorStore, CompressorStore
-from dsv4.model.layers import RMSNorm, RotaryEmbedding, apply_rope, upcast
+from dsv4.model.layers import RMSNorm, RotaryEmbedding, upcast
 from dsv4.model.linear import Linear
-from dsv4.quant import fake_quant_fp4, fake_quant_kv, hadamard
+from dsv4.ops import OPS
+from dsv4.quant import fake_quant_fp4, hadamard
 
-__all__ = ["Compressor"]
+__all__ = ["Compressor", "window_pool"]
+
+
+def window_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Gated pooling of windows: kv, score [..., slots, D] -> [..., D] (softmax over the slots,
+    per channel; the `window_pool` op's reference)."""
+    return (kv * score.softmax(dim=-2)).sum(dim=-2)
 
 
 class Compressor(nn.Module):
@@ -93,15 +100,15 @@ class Compressor(nn.Module):
     def _finish(self, kv: torch.Tensor, score: torch.Tensor, pos: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
         """Pool [..., slots, D] windows, then norm, RoPE at the window start, QAT rounding."""
-        pooled = (kv * score.softmax(dim=-2)).sum(dim=-2)  # [..., D]
+        pooled = OPS.window_pool(kv, score)  # [..., D]
         entries = self.norm(pooled.to(dtype))
         cos, sin = self.rope(pos)
-        entries = apply_rope(entries, cos, sin)
+        entries = OPS.rope(entries, cos, sin)
         if self.emulate_quant:
             if self.rotate:
                 entries = fake_quant_fp4(hadamard(entries))
             else:
-                entries = fake_quant_kv(entries, self.rope_dim)
+                entries = OPS.kv_quant(entries, self.rope_dim)
         return entries
 
     def _overlap(self, t: torch.Tensor, prev: torch.Tensor | None, fill: float) -> torch.Tensor:

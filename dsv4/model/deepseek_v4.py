@@ -24,9 +24,10 @@ from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.attention import Attention, Segment, segment_positions
 from dsv4.model.layers import RMSNorm, RotaryEmbedding
 from dsv4.model.linear import Linear, split
-from dsv4.model.mhc import hc_head, hc_post, hc_pre
+from dsv4.model.mhc import hc_head
 from dsv4.model.moe import MoE
 from dsv4.model.sequence_cache import SequenceCache
+from dsv4.ops import OPS
 
 __all__ = ["Block", "MTPBlock", "DeepseekV4ForCausalLM"]
 
@@ -54,7 +55,7 @@ class Block(nn.Module):
 
     def _mix(self, site: str, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
-        return hc_pre(h, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+        return OPS.hc_pre(h, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
                       getattr(self, f"hc_{site}_base"), c.hc_sinkhorn_iters, c.hc_eps,
                       c.rms_norm_eps)
 
@@ -62,9 +63,9 @@ class Block(nn.Module):
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """h [B, T, hc_mult, dim] -> same shape; segments carry this layer's cache stores."""
         x, post, comb = self._mix("attn", h)
-        h = hc_post(self.attn(self.attn_norm(x), segments, positions), h, post, comb)
+        h = OPS.hc_post(self.attn(self.attn_norm(x), segments, positions), h, post, comb)
         x, post, comb = self._mix("ffn", h)
-        return hc_post(self.ffn(self.ffn_norm(x), input_ids), h, post, comb)
+        return OPS.hc_post(self.ffn(self.ffn_norm(x), input_ids), h, post, comb)
 
 
 class MTPBlock(Block):

@@ -9,17 +9,21 @@ agree whenever the scores agree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.distributed.comm import Comm
 from dsv4.model.compressor import Compressor
-from dsv4.model.layers import RotaryEmbedding, apply_rope, upcast
+from dsv4.model.layers import RotaryEmbedding, upcast
 from dsv4.model.linear import Linear, split
+from dsv4.ops import OPS
 from dsv4.quant import fake_quant_fp4, hadamard
 
-__all__ = ["Indexer", "select_topk"]
+__all__ = ["Indexer", "KeySlots", "indexer_scores", "select_topk"]
 
 # elements of one block's [B, T, heads, E] logits: 8 MiB of fp32 stays in cache; 1 << 25
 # made a 16K-token CPU prefill 1.3x slower (benchmarks: single-process A/B in BENCHMARKS.md)
@@ -47,6 +51,27 @@ def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Te
     return torch.where(visible.gather(-1, ids), ids, torch.full_like(ids, -1))
 
 
+class KeySlots(NamedTuple):
+    """Indexer keys left in the cache, for a kernel that reads them in place (the Triton
+    `indexer_scores`): storage [B or 1, S, ...], slots [B or 1, E] (-1: none), decode (None:
+    stored as vectors)."""
+
+    storage: torch.Tensor
+    slots: torch.Tensor
+    decode: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def _num_entries(keys: torch.Tensor | KeySlots) -> int:
+    return keys.slots.shape[-1] if isinstance(keys, KeySlots) else keys.shape[1]
+
+
+def indexer_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_h weights_h * ReLU(q_h . K_e): q [B, T, H, D], keys [B, E, D], weights [B, T, H]
+    (at least fp32) -> [B, T, E] (the `indexer_scores` op's reference)."""
+    logits = torch.einsum("bthd,bed->bthe", upcast(q), upcast(keys))
+    return (logits.relu() * weights.unsqueeze(-1)).sum(dim=2)
+
+
 class Indexer(nn.Module):
     def __init__(self, config: ModelConfig, rope: RotaryEmbedding, wq_b_fmt: str,
                  tp: Comm | None = None) -> None:
@@ -66,16 +91,16 @@ class Indexer(nn.Module):
         self.emulate_quant = True
 
     def select(self, x: torch.Tensor, q_lora: torch.Tensor, positions: torch.Tensor,
-               keys: torch.Tensor) -> torch.Tensor:
+               keys: torch.Tensor | KeySlots) -> torch.Tensor:
         """Pick compressed entries for each query.
 
         x [B, T, dim] (normed layer input), q_lora [B, T, q_lora_rank], positions [B or 1, T],
-        keys [B, E, index_head_dim]; returns [B, T, min(k, E)] entry ids, -1 = none.
+        keys [B, E, index_head_dim] (or KeySlots, for the Triton scores); returns [B, T, min(k, E)] entry ids, -1 = none.
         Queries are scored in blocks whose [B, T, heads, E] logits stay under _SCORE_BUDGET
         elements; under tensor parallelism each block is one all-reduce (one per call, unless
         T x heads x E passes the budget: a long prefill chunk at a long context).
         """
-        b, t, e = x.shape[0], x.shape[1], keys.shape[1]
+        b, t, e = x.shape[0], x.shape[1], _num_entries(keys)
         rows = max(1, _SCORE_BUDGET // max(1, b * self.n_heads * e))
         if t <= rows:
             return self._select(x, q_lora, positions, keys)
@@ -84,15 +109,14 @@ class Indexer(nn.Module):
                           for s in range(0, t, rows)], dim=1)
 
     def _select(self, x: torch.Tensor, q_lora: torch.Tensor, positions: torch.Tensor,
-                keys: torch.Tensor) -> torch.Tensor:
+                keys: torch.Tensor | KeySlots) -> torch.Tensor:
         q = self.wq_b(q_lora).unflatten(-1, (self.n_heads, self.head_dim))
         cos, sin = self.rope(positions)
-        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q = OPS.rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
         if self.emulate_quant:
             q = fake_quant_fp4(hadamard(q))
         weights = upcast(self.weights_proj(x)) * self.weight_scale
-        logits = torch.einsum("bthd,bed->bthe", upcast(q), upcast(keys))
-        scores = self.tp.all_reduce((logits.relu() * weights.unsqueeze(-1)).sum(dim=2))  # [B,T,E]
-        entry = torch.arange(keys.shape[1], device=x.device)
+        scores = self.tp.all_reduce(OPS.indexer_scores(q, keys, weights))  # [B, T, E]
+        entry = torch.arange(_num_entries(keys), device=x.device)
         visible = entry < ((positions + 1) // 4).unsqueeze(-1)  # [B or 1, T, E]
-        return select_topk(scores, visible.expand_as(scores), self.topk)
+        return OPS.indexer_topk(scores, visible.expand_as(scores), self.topk)

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.ops import OPS
 
-__all__ = ["RMSNorm", "rms_normalize", "RotaryEmbedding", "apply_rope", "upcast"]
+__all__ = ["RMSNorm", "rms_norm", "rms_normalize", "RotaryEmbedding", "apply_rope", "upcast"]
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -29,6 +30,11 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weighted RMSNorm in at least fp32, returned in x's dtype (the `rms_norm` op's reference)."""
+    return (weight * rms_normalize(x, eps)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -36,7 +42,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.weight * rms_normalize(x, self.eps)).to(x.dtype)
+        return OPS.rms_norm(x, self.weight, self.eps)
 
 
 def yarn_frequencies(dim: int, theta: float, factor: float, original_len: int,

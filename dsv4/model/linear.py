@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.ops import OPS
 from dsv4.quant import dequant_fp4, dequant_fp8
 
-__all__ = ["Linear", "FORMAT_DTYPES", "Shard", "split"]
+__all__ = ["Linear", "FORMAT_DTYPES", "Shard", "split", "fp8_linear"]
 
 FORMAT_DTYPES = {"fp8": torch.float8_e4m3fn, "fp4": torch.int8}
 
@@ -30,6 +31,12 @@ Shard = tuple[int, int, int]
 def split(dim: int, parts: int, index: int) -> Shard | None:
     """Part `index` of `parts` along `dim` (None: one part, the tensor is whole)."""
     return (dim, parts, index) if parts > 1 else None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ the block-scaled FP8 weight [out, in]^T, in x's dtype (the `fp8_linear`
+    op's reference: dequantize, then one matmul)."""
+    return F.linear(x, dequant_fp8(weight, scale, x.dtype))
 
 
 class Linear(nn.Module):
@@ -69,6 +76,8 @@ class Linear(nn.Module):
         return self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt == "fp8":
+            return OPS.fp8_linear(x, self.weight, self.scale)
         return F.linear(x, self.dense_weight(x.dtype))
 
     def densify(self, dtype: torch.dtype) -> None:

@@ -29,6 +29,7 @@ from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 from dsv4.model.linear import Linear, Shard
 from dsv4.model.names import is_hf_naming, official_items, released_in_fp32
+from dsv4.ops import configure as configure_ops
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 def load_model(path: str | Path, *, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, emulate_quant: bool = True,
-               progress: bool = True, parallel: ParallelContext | None = None
-               ) -> DeepseekV4ForCausalLM:
+               progress: bool = True, parallel: ParallelContext | None = None,
+               ops: str | None = None) -> DeepseekV4ForCausalLM:
     """Load a checkpoint (official or transformers naming).
 
     device: "cpu" (fp32 compute) or "cuda" (bf16 compute); default: cuda when available. A
@@ -65,9 +66,11 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
     None keeps FP8/FP4 weights and the embedding as stored, and casts the unquantized
     projections and the head to the compute dtype once. emulate_quant: the reference's
     FP8/FP4 KV and indexer rounding. parallel: load this rank's part only (the layout is checked
-    against the config first).
+    against the config first). ops: per-op backend choices ("rms_norm=torch,..."; None:
+    $DSV4_OPS), resolved for `device` by dsv4.ops and logged.
     """
     device = resolve_device(device)  # first: a CUDA request without CUDA fails before any I/O
+    configure_ops(device, ops)  # a bad --ops fails before any I/O too
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
     parallel = parallel or ParallelContext.single()

@@ -27,8 +27,9 @@ from dsv4.config import ModelConfig
 from dsv4.distributed.parallel_context import ParallelContext
 from dsv4.model.layers import upcast
 from dsv4.model.linear import Linear, split
+from dsv4.ops import OPS
 
-__all__ = ["MoE", "Expert", "Gate"]
+__all__ = ["MoE", "Expert", "Gate", "routed_experts"]
 
 
 def _formats(config: ModelConfig) -> tuple[str, str, torch.dtype]:
@@ -95,6 +96,21 @@ class Gate(nn.Module):
         return weights * self.route_scale, ids
 
 
+def routed_experts(experts: nn.ModuleDict, n_experts: int, x: torch.Tensor,
+                   weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """sum over each token's k picks of weight * expert(x), for the experts held here (keys: global
+    expert ids); x [N, dim], weights / ids [N, k] -> [N, dim] in at least fp32 (the
+    `moe_experts` op's reference: one call per visited expert, its weights dequantized)."""
+    y = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    counts = torch.bincount(ids.flatten(), minlength=n_experts).tolist()
+    for key, expert in experts.items():
+        if counts[int(key)] == 0:
+            continue
+        tok, slot = torch.where(ids == int(key))
+        y.index_add_(0, tok, upcast(expert(x[tok], weights[tok, slot, None])))
+    return y
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, is_hash: bool,
                  parallel: ParallelContext | None = None) -> None:
@@ -125,21 +141,15 @@ class MoE(nn.Module):
     def _routed(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """This rank's share of the routed experts' output for tokens x [N, dim] (at least fp32)."""
         weights, ids = self.gate(x, input_ids)
-        y = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32),
-                        device=x.device)
         if x.is_meta:
             # shapes only (FLOP counting): every token visits k experts
+            y = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32),
+                            device=x.device)
             experts = list(self.experts.values())
             for slot in range(ids.shape[1]):
                 y = y + upcast(experts[slot % len(experts)](x, weights[:, slot:slot + 1]))
             return y
-        counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
-        for key, expert in self.experts.items():
-            if counts[int(key)] == 0:
-                continue
-            tok, slot = torch.where(ids == int(key))
-            y.index_add_(0, tok, upcast(expert(x[tok], weights[tok, slot, None])))
-        return y
+        return OPS.moe_experts(self.experts, self.n_experts, x, weights, ids)
 
     def _combine(self, y: torch.Tensor) -> torch.Tensor:
         """Sum the ranks' shares; under DP-attention keep this group's own tokens."""
