@@ -33,6 +33,7 @@ class EngineConfig:
     # fp8 -> fp4, otherwise the same as kv_cache_dtype
     compressor_state_dtype: str = "fp32"  # "fp32" | "bf16" | "fp64"
     enable_prefix_caching: bool = True  # reuse cached prefixes (whole blocks, every kind)
+    compile_decode: bool = False  # decode steps through compiled regions (DecodeGraphs)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):

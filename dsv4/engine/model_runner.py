@@ -18,6 +18,7 @@ from dsv4.cache.kv_cache import DecodeGroup, KVCache, RequestView
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata
 from dsv4.model.attention import DecodeRows, Segment
+from dsv4.model.decode_graph import DecodeGraphs
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
 __all__ = ["ModelRunner", "PromptLogprobs", "StepResult"]
@@ -34,8 +35,10 @@ StepResult = tuple[list[list[int]], SamplerOutput | None, PromptLogprobs]
 class ModelRunner:
     def __init__(self, model: DeepseekV4ForCausalLM, block_manager: BlockManager,
                  kv_cache_dtype: str = "fp32", index_cache_dtype: str | None = None,
-                 state_dtype: str = "fp32") -> None:
+                 state_dtype: str = "fp32", compile_decode: bool = False) -> None:
         self.model = model
+        # pure decode steps through the per-bucket compiled regions (None: always eager)
+        self.decode_graphs = DecodeGraphs(model) if compile_decode else None
         self.device = model.embed.weight.device
         self.kv_cache = KVCache(model.config, block_manager, self.device, model.compute_dtype,
                                 kv_cache_dtype, index_cache_dtype, state_dtype)
@@ -95,7 +98,10 @@ class ModelRunner:
                 segs.append(DecodeRows(decode_index, group.positions, group.layer(layer)))
             return segs
 
-        h = self.model.run_layers(input_ids, layer_segments)
+        if self.decode_graphs is not None and group is not None and not views:
+            h = self.decode_graphs.run_layers(input_ids, group.positions, group.layer)
+        else:
+            h = self.model.run_layers(input_ids, layer_segments)
         prompt_lps = self._prompt_logprobs(batch, h)
         rows = batch.sample_indices
         if not rows:
