@@ -54,6 +54,10 @@ def _attn_out(block: Block, o: torch.Tensor, h: torch.Tensor, post: torch.Tensor
     return h, x, post, comb, weights, ids, upcast(block.ffn.shared_experts(x))
 
 
+def _attn_out_hash(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return _attn_out(*args)
+
+
 def _ffn_out(routed: torch.Tensor, shared: torch.Tensor, h: torch.Tensor, post: torch.Tensor,
              comb: torch.Tensor) -> torch.Tensor:
     y = (routed + shared).to(h.dtype).view(*h.shape[:2], -1)
@@ -67,12 +71,17 @@ class DecodeGraphs:
                              "expert parallelism)")
         self.model = model
         self.cuda = model.embed.weight.device.type == "cuda"
-        opts = {"mode": "reduce-overhead"} if self.cuda else {}
+        mode = "reduce-overhead" if self.cuda else None
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
-        self.attn_in, self.attn_out, self.ffn_out = (
-            torch.compile(fn, dynamic=False, **opts) for fn in (_attn_in, _attn_out, _ffn_out))
+        # guards on tensors only: checking every block attribute each call cost ~100 us a call
+        # (profiled). What differs between layers beyond tensors is the gate's kind, hence a
+        # separate function (a separate graph cache) for hash-routed blocks.
+        opts = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe, "cpp_wrapper": True}
+        self.attn_in, self.attn_out, self.attn_out_hash, self.ffn_out = (
+            torch.compile(fn, dynamic=False, mode=mode, options=opts)
+            for fn in (_attn_in, _attn_out, _attn_out_hash, _ffn_out))
 
     @staticmethod
     def supports(model: DeepseekV4ForCausalLM) -> bool:
@@ -99,7 +108,8 @@ class DecodeGraphs:
             o = block.attn.attend_rows(x[0, :rows], q[0, :rows], q_lora[0, :rows],
                                        kv[0, :rows], positions, layer_store(i))
             o = F.pad(o, (0, 0, 0, 0, 0, pad)).unsqueeze(0)
-            h, x, post, comb, weights, expert_ids, shared = self.attn_out(
+            attn_out = self.attn_out_hash if block.ffn.gate.is_hash else self.attn_out
+            h, x, post, comb, weights, expert_ids, shared = attn_out(
                 block, o, h, post, comb, cos, sin, ids)
             routed = block.ffn.dispatch(x[:rows], weights[:rows], expert_ids[:rows])
             h = self.ffn_out(F.pad(routed, (0, 0, 0, pad)), shared, h, post, comb)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from dsv4.engine_args import EngineArgs
 from dsv4.llm import LLM
@@ -13,8 +14,8 @@ from dsv4.sampling_params import SamplingParams
 
 
 def _run(path, device: str, compile_decode: bool) -> tuple[list[list[int]], int]:
-    """Greedy tokens of two requests that finish at different steps (decode buckets 2 and 1;
-    the first steps mix prefill chunks with a decode row), and the compiled steps' rows."""
+    """Greedy tokens of three requests decoded together (3 rows: bucket 4, one pad row), and
+    the rows of each compiled step."""
     llm = LLM(path, device=device, kv_cache_memory=32 << 20, max_model_len=128, block_size=16,
               max_num_batched_tokens=24, emulate_quant=False, compile_decode=compile_decode)
     graphs = llm.engine.runner.decode_graphs
@@ -23,20 +24,21 @@ def _run(path, device: str, compile_decode: bool) -> tuple[list[list[int]], int]
         real = graphs.run_layers
         graphs.run_layers = lambda *a: calls.append(a[0].shape[1]) or real(*a)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 30)]
-    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n) for n in (6, 10)]
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (7, 3, 11)]
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     return [o.outputs[0].token_ids for o in outs], calls
 
 
 @pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens(tiny_checkpoint):
-    path = tiny_checkpoint()
+    # dense weights: FP8 ones split each region at every dequantization (more graphs to build)
+    path = tiny_checkpoint(tiny_config(weight_dtype=None, expert_dtype=None, scale_fmt=None))
     eager, no_calls = _run(path, "cpu", False)
     compiled, calls = _run(path, "cpu", True)
     assert no_calls == []
     assert compiled == eager
-    assert set(calls) == {2, 1}  # pure decode steps of every batch size went compiled
+    assert calls == [3] * 7  # every step after the prefill one, padded to 4 rows  # pure decode steps of every batch size went compiled
 
 
 @pytest.mark.gpu
