@@ -15,8 +15,9 @@ bandwidth, matmul FLOPs / GEMM peak):
   of a 2048^3 fp32 matmul.
 
 The step is timed through the real engine (`LLMEngine.step`) with 1 and with 32 running
-requests after short prompts. Limit probes and engine steps are interleaved round by round so
-that load from other work on this machine hits both alike; every figure is a median.
+requests after short prompts. Each round measures the bandwidth and the GEMM peak, then steps
+every engine in turn, so that load from other work on this machine hits all of them alike;
+every figure is a median over the rounds.
 
     python benchmarks/decode_limit.py [--rows 1,32] [--rounds 7] [--steps 8] [--prompt 64]
         [--threads N] [--modes eager,compiled]
@@ -213,8 +214,8 @@ def main() -> None:
         for _ in range(args.rounds):
             bw.append(bandwidth_gbs())
             peak.append(gemm_peak_gflops())
-            for key, eng in engines.items():
-                for _ in range(args.steps):
+            for _ in range(args.steps):  # one step of each engine in turn
+                for key, eng in engines.items():
                     t0 = time.perf_counter()
                     eng.step()
                     steps[key].append(1000 * (time.perf_counter() - t0))

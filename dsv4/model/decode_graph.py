@@ -13,7 +13,8 @@ The rows are padded to the next power of two (pad rows: token 0 at position 0; t
 the regions only, never into the cache or to an expert, and are dropped at the end), so each
 region has static shapes per bucket: inductor on the CPU, CUDA graphs (`reduce-overhead`) on
 CUDA. The functions take the block as an argument, so all layers share one compiled graph per
-region, bucket and layer variant (hash-routed or not). The eager `run_layers` stays the
+region, bucket and layer variant (hash-routed or not); dynamo guards only their tensors, so
+block attributes changed after the first compile (`set_emulate_quant`) are not seen. The eager `run_layers` stays the
 reference; compiled regions fuse the element-wise chains and reduce in their own order, so
 logits agree within float rounding, not bitwise (architecture.md, "Compiled decode step").
 """
@@ -75,10 +76,12 @@ class DecodeGraphs:
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
-        # guards on tensors only: checking every block attribute each call cost ~100 us a call
+        # guards on tensors only: checking every block attribute cost ~100 us a call
         # (profiled). What differs between layers beyond tensors is the gate's kind, hence a
-        # separate function (a separate graph cache) for hash-routed blocks.
-        opts = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe, "cpp_wrapper": True}
+        # separate function (a separate graph cache) for hash-routed blocks. On the CPU the C++
+        # wrapper: the Python one makes a Python call per kernel, more than the kernels cost.
+        opts = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe,
+                "cpp_wrapper": not self.cuda}
         self.attn_in, self.attn_out, self.attn_out_hash, self.ffn_out = (
             torch.compile(fn, dynamic=False, mode=mode, options=opts)
             for fn in (_attn_in, _attn_out, _attn_out_hash, _ffn_out))
