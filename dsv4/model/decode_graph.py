@@ -14,9 +14,10 @@ the regions only, never into the cache or to an expert, and are dropped at the e
 region has static shapes per bucket: inductor on the CPU, CUDA graphs (`reduce-overhead`) on
 CUDA. The functions take the block as an argument, so all layers share one compiled graph per
 region, bucket and layer variant (hash-routed or not); dynamo guards only their tensors, so
-block attributes changed after the first compile (`set_emulate_quant`) are not seen. The eager `run_layers` stays the
-reference; compiled regions fuse the element-wise chains and reduce in their own order, so
-logits agree within float rounding, not bitwise (architecture.md, "Compiled decode step").
+block attributes changed after the first compile (`set_emulate_quant`) are not seen. The eager
+`run_layers` stays the reference; compiled regions fuse the element-wise chains and reduce in
+their own order, so logits agree within float rounding, not bitwise (architecture.md,
+"Compiled decode step").
 """
 
 from __future__ import annotations
