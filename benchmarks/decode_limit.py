@@ -35,21 +35,13 @@ import time
 from pathlib import Path
 
 import torch
+from engine_vs_transformers import CONFIG  # the benchmark model (beside this script)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from dsv4.config import ModelConfig
 from dsv4.llm import LLM
 from dsv4.model import write_checkpoint
 from dsv4.sampling_params import SamplingParams
-
-CONFIG = ModelConfig(
-    hidden_size=256, num_hidden_layers=6, num_attention_heads=8, head_dim=64,
-    qk_rope_head_dim=16, q_lora_rank=128, o_groups=2, o_lora_rank=64,
-    compress_ratios=(0, 0, 4, 128, 4, 128), index_n_heads=4, index_head_dim=32, index_topk=512,
-    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, num_hash_layers=1,
-    num_nextn_predict_layers=0, weight_dtype=None, expert_dtype=None, scale_fmt=None,
-)
 
 
 def bandwidth_gbs(n_bytes: int = 512 << 20, reps: int = 5) -> float:
