@@ -20,7 +20,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dsv4.config import ModelConfig
-from dsv4.engine.llm_engine import LLMEngine, make_engine_config
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine_args import EngineArgs
 from dsv4.llm import LLM
 from dsv4.model import write_checkpoint
 from dsv4.sampling_params import SamplingParams
@@ -153,9 +154,9 @@ class Bench:
         model = self.llm.engine.model
         engines = {}
         for ctx in contexts:
-            eng = LLMEngine(model, make_engine_config(
-                model, max_model_len=ctx + warm + n + 8, kv_cache_memory=256 << 20,
-                max_num_batched_tokens=4096, max_num_seqs=1))
+            eng = LLMEngine(model, EngineArgs(
+                max_model_len=ctx + warm + n + 8, kv_cache_memory=256 << 20,
+                max_num_batched_tokens=4096, max_num_seqs=1).create_engine_config(model))
             eng.add_request(f"ctx{ctx}", prompts([ctx], seed=ctx)[0], SamplingParams(
                 temperature=0, max_tokens=warm + n + 2, ignore_eos=True))
             while not any(o.new_token_ids for o in eng.step()):
