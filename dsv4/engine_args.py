@@ -120,6 +120,9 @@ class EngineArgs:
         'speculative decoding, as JSON: {"method": "mtp", "num_speculative_tokens": K} '
         "(vLLM's spelling): V4's MTP block drafts K tokens per step, verified in one batched "
         "step; off by default", metavar="JSON"))
+    compile_decode: bool = field(default=False, metadata=_opt(
+        "run decode steps through regions compiled once per batch-size bucket (torch.compile "
+        "on CPU, CUDA graphs on GPU; one rank only). Off: eager, the reference"))
     tensor_parallel_size: int = field(default=1, metadata=_opt(
         "ranks that split attention heads, indexer heads, output groups, embedding and head "
         "(and, with the data-parallel ranks, the routed experts); one process per rank, "
@@ -179,7 +182,10 @@ class EngineArgs:
             if not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
         self.speculative_config = speculative_config_dict(self.speculative_config)
-        self.parallel_config()  # a layout that cannot exist fails here, naming the sizes
+        parallel = self.parallel_config()  # a layout that cannot exist fails here
+        if self.compile_decode and parallel.world_size > 1:
+            raise ValueError("compile_decode runs on one rank only, got a world of "
+                             f"{parallel.world_size} ranks")
         parse_ops(self.ops)  # a bad op or backend name fails here, naming it
         if not isinstance(self.dist_timeout, (int, float)) or self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be a positive number of seconds, got "
@@ -300,7 +306,7 @@ class EngineArgs:
             max_num_batched_tokens=self.max_num_batched_tokens or (8192 if cuda else 2048),
             block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
             kv_cache_dtype=kv, index_cache_dtype=index, compressor_state_dtype=state,
-            enable_prefix_caching=self.enable_prefix_caching,
+            enable_prefix_caching=self.enable_prefix_caching, compile_decode=self.compile_decode,
             num_speculative_tokens=self.num_speculative_tokens)
         config.check_model(model.config)
         if config.num_speculative_tokens and not model.mtp:

@@ -35,6 +35,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse cached prefixes (whole blocks, every kind)
     # draft tokens the MTP block proposes per decoding request and step (0: no speculation)
     num_speculative_tokens: int = 0
+    compile_decode: bool = False  # decode steps through compiled regions (DecodeGraphs)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -70,7 +70,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.block_manager, engine_config.kv_cache_dtype,
                                   engine_config.index_cache_dtype,
                                   engine_config.compressor_state_dtype,
-                                  engine_config.num_speculative_tokens)
+                                  engine_config.num_speculative_tokens,
+                                  engine_config.compile_decode)
         info = self.cache_info()
         logger.info("KV cache: %.2f GiB (%s entries, %s indexer keys) holds %d tokens over %d "
                     "running requests at most; %.1f B/token, %.2f GiB per %d-token sequence",

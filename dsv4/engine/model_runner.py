@@ -28,6 +28,7 @@ from dsv4.engine.mtp_proposer import MTPProposer
 from dsv4.engine.rejection_sampler import RejectionSampler, VerifyLayout
 from dsv4.engine.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata
 from dsv4.engine.step_layout import StepLayout
+from dsv4.model.decode_graph import DecodeGraphs
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
 __all__ = ["ModelRunner", "PromptLogprobs", "StepResult"]
@@ -51,8 +52,11 @@ class StepResult(NamedTuple):
 class ModelRunner:
     def __init__(self, model: DeepseekV4ForCausalLM, block_manager: BlockManager,
                  kv_cache_dtype: str = "fp32", index_cache_dtype: str | None = None,
-                 state_dtype: str = "fp32", num_speculative_tokens: int = 0) -> None:
+                 state_dtype: str = "fp32", num_speculative_tokens: int = 0,
+                 compile_decode: bool = False) -> None:
         self.model = model
+        # pure decode steps through the per-bucket compiled regions (None: always eager)
+        self.decode_graphs = DecodeGraphs(model) if compile_decode else None
         self.device = model.embed.weight.device
         self.kv_cache = KVCache(model.config, block_manager, self.device, model.compute_dtype,
                                 kv_cache_dtype, index_cache_dtype, state_dtype)
@@ -87,7 +91,11 @@ class ModelRunner:
                                           [batch.boundary_blocks[i] for i in starts_cached])
         layout = StepLayout(batch, self.kv_cache)
         self.speculative = layout.speculative
-        h = self.model.run_layers(input_ids, layout.segments)
+        if self.decode_graphs is not None and layout.group is not None and not layout.views:
+            h = self.decode_graphs.run_layers(input_ids, layout.group.positions,
+                                              layout.group.layer)
+        else:
+            h = self.model.run_layers(input_ids, layout.segments)
         prompt_lps = self._prompt_logprobs(batch, h)
         rows = batch.sample_indices
         result: list[list[int]] = [[] for _ in range(batch.num_reqs)]

@@ -142,7 +142,8 @@ def worker_main(spec: RankSpec, rank: int, spawned: bool = True) -> None:
     model, config = load_rank(spec, rank, open_store(spec, is_master=False))
     runner = ModelRunner(model, BlockManager.from_config(model.config, config),
                          config.kv_cache_dtype, config.index_cache_dtype,
-                         config.compressor_state_dtype, config.num_speculative_tokens)
+                         config.compressor_state_dtype, config.num_speculative_tokens,
+                         config.compile_decode)
     parallel = model.parallel
     group = spec.parallel.dp_rank(rank)
     while True:

@@ -185,22 +185,15 @@ class Attention(nn.Module):
         row group): a SequenceCache forward is one segment over everything; an engine step has
         one segment per request (B = 1). Projections run on all tokens at once; the cache work
         and the attention itself run per segment."""
-        q_lora = self.q_norm(self.wq_a(x))
-        q = self.wq_b(q_lora).unflatten(-1, (self.n_heads, self.head_dim))
-        q = rms_normalize(q, self.config.rms_norm_eps).to(x.dtype)
-        kv = self.kv_norm(self.wkv(x))
         if positions is None:
             positions = segment_positions(segments, x.shape[1], x.device)
         cos, sin = self.rope.step(positions)
-        q = OPS.rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
-        kv = OPS.rope(kv, cos, sin)
-        if self.emulate_quant:
-            kv = OPS.kv_quant(kv, self.config.qk_rope_head_dim)
+        q, q_lora, kv = self.project_in(x, cos, sin)
         o = torch.empty_like(q)
         for seg in segments:
             if isinstance(seg, DecodeRows):
                 i = seg.index
-                o[0, i] = self._attend_rows(x[0, i], q[0, i], q_lora[0, i], kv[0, i],
+                o[0, i] = self.attend_rows(x[0, i], q[0, i], q_lora[0, i], kv[0, i],
                                             seg.positions, seg.store)
                 continue
             if seg.end == seg.begin:  # an idle data-parallel rank's empty step
@@ -208,6 +201,24 @@ class Attention(nn.Module):
             sl = slice(seg.begin, seg.end)
             o[:, sl] = self._attend(x[:, sl], q[:, sl], q_lora[:, sl], kv[:, sl],
                                     positions[sl], seg.start_pos, seg.store)
+        return self.project_out(o, cos, sin)
+
+    def project_in(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-token part before the cache: x [B, T, dim] (normed) -> q [B, T, H, D] (normed,
+        rotated), q_lora [B, T, q_lora_rank], kv [B, T, D] (rotated, QAT-rounded when on)."""
+        q_lora = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_lora).unflatten(-1, (self.n_heads, self.head_dim))
+        q = rms_normalize(q, self.config.rms_norm_eps).to(x.dtype)
+        kv = self.kv_norm(self.wkv(x))
+        q = OPS.rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+        kv = OPS.rope(kv, cos, sin)
+        if self.emulate_quant:
+            kv = OPS.kv_quant(kv, self.config.qk_rope_head_dim)
+        return q, q_lora, kv
+
+    def project_out(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The per-token part after attention: o [B, T, H, D] -> [B, T, dim]."""
         o = OPS.rope(o, cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
         return self._project_out(o)
 
@@ -264,9 +275,9 @@ class Attention(nn.Module):
             outs.append(OPS.sparse_attention(q[:, s:e], sources, self.attn_sink, self.scale))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
-    def _attend_rows(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor,
-                     kv: torch.Tensor, positions: torch.Tensor, store: BatchedLayerStore
-                     ) -> torch.Tensor:
+    def attend_rows(self, x: torch.Tensor, q: torch.Tensor, q_lora: torch.Tensor,
+                    kv: torch.Tensor, positions: torch.Tensor, store: BatchedLayerStore
+                    ) -> torch.Tensor:
         """R single-token sequences at once (x [R, dim], q [R, H, D], kv [R, D]) -> [R, H, D].
 
         With the Triton attention the window and the dense compressed entries are handed over

@@ -8,7 +8,7 @@ the engine). Attention has two paths, each with its own pair of stores:
   shared `start_pos`, any number of tokens. Stores: `LayerStore` with one `CompressorStore` per
   compressor (main, and the indexer's on CSA layers). Implemented by SequenceCache's
   `LayerState` / `CompressorState` and by the engine's per-request `RequestView.layer(i)`.
-- Batched decode path (`Attention._attend_rows`): R sequences with one new token each, each at
+- Batched decode path (`Attention.attend_rows`): R sequences with one new token each, each at
   its own position. Stores: `BatchedLayerStore` with `BatchedCompressorStore`s. Implemented by
   the engine's `DecodeGroup.layer(i)`.
 

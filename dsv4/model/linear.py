@@ -69,11 +69,9 @@ class Linear(nn.Module):
             raise ValueError(f"unknown weight format {fmt!r}")
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.fmt == "fp8":
-            return dequant_fp8(self.weight, self.scale, dtype)
-        if self.fmt == "fp4":
-            return dequant_fp4(self.weight, self.scale, dtype)
-        return self.weight.to(dtype)
+        if self.fmt == "dense":
+            return self.weight.to(dtype)
+        return _dequantize(self.weight, self.scale, self.fmt, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt == "fp8":
@@ -88,3 +86,9 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.fmt}"
+
+
+@torch.compiler.disable  # eager inside compiled code (DecodeGraphs): inductor takes no e8m0 input
+def _dequantize(weight: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype
+                ) -> torch.Tensor:
+    return (dequant_fp8 if fmt == "fp8" else dequant_fp4)(weight, scale, dtype)

@@ -141,6 +141,12 @@ class MoE(nn.Module):
     def _routed(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """This rank's share of the routed experts' output for tokens x [N, dim] (at least fp32)."""
         weights, ids = self.gate(x, input_ids)
+        return self.dispatch(x, weights, ids)
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                 ) -> torch.Tensor:
+        """Tokens x [N, dim] through this rank's routed experts as the gate picked them
+        (weights, ids [N, k]); at least fp32."""
         if x.is_meta:
             # shapes only (FLOP counting): every token visits k experts
             y = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32),
