@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4.config import ModelConfig
-from dsv4.model import load_model, write_checkpoint
+# The Triton kernel tests (tests/kernels) run in Triton's CPU interpreter where there is no GPU.
+# triton reads TRITON_INTERPRET when it is imported and when a kernel is decorated, and
+# importing dsv4 may import it (torch.compiler pulls in triton where it is installed), so it
+# is set first; nothing else reads it. On a GPU (benchmarks/gpu_check.py) the kernels run
+# compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dsv4.config import ModelConfig  # noqa: E402
+from dsv4.model import load_model, write_checkpoint  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 _REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +42,6 @@ def tiny_config(**overrides) -> ModelConfig:
     base.update(overrides)
     return ModelConfig(**base)
 
-
-# The Triton kernel tests (tests/kernels) run in Triton's CPU interpreter where there is no GPU.
-# triton reads TRITON_INTERPRET when a kernel is decorated (@triton.jit, at import of
-# dsv4.kernels), so it is set here, before any test module is imported; nothing else reads it.
-# On a GPU (benchmarks/gpu_check.py) the kernels run compiled.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
