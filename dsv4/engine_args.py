@@ -322,10 +322,17 @@ class EngineArgs:
         def profile() -> int:
             ids = torch.zeros(1, config.max_num_batched_tokens, dtype=torch.long, device=device)
 
+            # a speculating step verifies every row's drafts: logits (and the sampler's
+            # copies of them) for up to (K + 1) positions per running request
+            rows = min(config.max_num_seqs * (config.num_speculative_tokens + 1),
+                       config.max_num_batched_tokens) if config.num_speculative_tokens else 1
+
             @torch.inference_mode()
             def forward() -> None:
                 h = model.hidden_streams(ids, model.new_cache())
-                model.logits(h[:, -1:])
+                logits = model.logits(h[:, -rows:])
+                if rows > 1:
+                    logits.log_softmax(-1).sort(-1)
 
             return profile_forward_peak(forward, device)
 

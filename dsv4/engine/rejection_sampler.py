@@ -2,13 +2,16 @@
 
 A row with drafts d_1..d_k has logits at k + 1 positions: after its last token and after each
 draft. Position j is processed as the token it would sample: the sampling parameters with the
-drafts before it counted as output (penalties, min_tokens, the seed's output index). Draft
-d_{j+1} is accepted while it matches the greedy choice (greedy rows) or while a uniform draw
-u < p_j(d_{j+1}) (other rows: rejection sampling with a one-hot draft distribution, as the MTP
-block drafts greedily). The first rejected position samples from p_j with the draft's mass
-removed; if every draft is accepted, the last position samples a bonus token. This keeps each
-token's distribution exactly the target's (Leviathan et al.'s rule with q one-hot). A row
-without drafts samples as ``Sampler`` does.
+drafts before it counted as output (penalties, min_tokens, the seed's output index). Each
+position samples its token t_j exactly as ``Sampler`` would (greedy: the argmax; else
+Gumbel-max over the processed distribution p_j with the row's noise for that output index).
+Draft d_{j+1} is accepted while it equals t_j; the first position where it does not emits t_j,
+and if every draft is accepted the last position's token is the bonus. This is rejection
+sampling for the one-hot draft distribution of a greedy drafter, coupled through the noise:
+d is accepted with probability p_j(d), and a rejected position emits t_j given t_j != d,
+which is p_j with d's mass removed, renormalized. It also makes the emitted tokens the ones
+the row samples without speculation from the same logits: a seeded request gives the same
+output with or without drafts.
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ class VerifyLayout:
         """SamplingMetadata with one row per verified position."""
         params, outputs, prompts, index, eos = [], [], [], [], []
         for r, i in enumerate(batch.sample_indices):
-            done = list(batch.output_token_ids[i])
+            done = batch.output_token_ids[i]
+            counts = batch.sampling_params[i].has_penalties  # else the outputs are not read
             for j in range(len(self.drafts[r]) + 1):
                 params.append(batch.sampling_params[i])
-                outputs.append(done + self.drafts[r][:j])
+                outputs.append([*done, *self.drafts[r][:j]] if counts and j else done)
                 prompts.append(batch.prompt_token_ids[i])
                 index.append(batch.num_output_tokens[i] + j)
                 eos.append(batch.eos_token_ids[i] if batch.eos_token_ids else None)
@@ -79,35 +83,20 @@ class RejectionSampler:
         raw = (torch.log_softmax(logits, dim=-1)
                if metadata.max_num_logprobs is not None else None)
         processed = sampler.process(logits, metadata)
-        greedy = processed.argmax(dim=-1)
-        final, probs, noise = greedy, None, None
+        sampled = processed.argmax(dim=-1)
         if not metadata.all_greedy:
-            probs = sampler.probabilities(processed, metadata)
-            noise = sampler.exponential_noise(probs, metadata)
-            final = torch.where(metadata.is_greedy, greedy, probs.div(noise).argmax(dim=-1))
-        accepted = self._accepted(layout, metadata, greedy, probs)
-        is_greedy = metadata.is_greedy.tolist()
-        final_ids = final.tolist()
+            sampled = torch.where(metadata.is_greedy, sampled,
+                                  sampler.sample_random(processed, metadata))
+        sampled_ids = sampled.tolist()
         tokens: list[list[int]] = []
         scored: list[int] = []  # the position each emitted token was sampled at
-        for r, (off, drafts) in enumerate(zip(layout.offsets, layout.drafts)):
+        for off, drafts in zip(layout.offsets, layout.drafts):
             out: list[int] = []
-            for j, draft in enumerate(drafts):
-                pos = off + j
-                scored.append(pos)
-                if accepted[pos]:
-                    out.append(draft)
-                    continue
-                if is_greedy[pos]:
-                    out.append(final_ids[pos])
-                else:  # the target's distribution less the rejected draft's mass
-                    residual = probs[pos].clone()
-                    residual[draft] = 0.0
-                    out.append(int(residual.div(noise[pos]).argmax()))
-                break
-            else:
-                scored.append(off + len(drafts))
-                out.append(final_ids[off + len(drafts)])
+            for j in range(len(drafts) + 1):
+                scored.append(off + j)
+                out.append(sampled_ids[off + j])
+                if j == len(drafts) or drafts[j] != out[-1]:
+                    break
             tokens.append(out)
         logprobs = None
         if raw is not None:
@@ -115,19 +104,3 @@ class RejectionSampler:
             emitted = torch.tensor([t for out in tokens for t in out], device=logits.device)
             logprobs = Sampler.gather_logprobs(raw[index], emitted, metadata.max_num_logprobs)
         return tokens, logprobs
-
-    def _accepted(self, layout: VerifyLayout, metadata: SamplingMetadata,
-                  greedy: torch.Tensor, probs: torch.Tensor | None) -> dict[int, bool]:
-        """Position -> whether the draft that follows it is accepted (positions with one)."""
-        positions = [off + j for off, d in zip(layout.offsets, layout.drafts)
-                     for j in range(len(d))]
-        if not positions:
-            return {}
-        device = greedy.device
-        pos = torch.tensor(positions, dtype=torch.long, device=device)
-        ids = torch.tensor([t for d in layout.drafts for t in d], dtype=torch.long, device=device)
-        ok = greedy[pos] == ids
-        if probs is not None:
-            u = self.sampler.uniforms(metadata, device)[pos]
-            ok = torch.where(metadata.is_greedy[pos], ok, u < probs[pos, ids])
-        return dict(zip(positions, ok.tolist()))

@@ -25,7 +25,6 @@ from dsv4.sampling_params import SamplingParams
 __all__ = ["LogprobsTensors", "Sampler", "SamplerOutput", "SamplingMetadata"]
 
 _MASK64 = (1 << 64) - 1
-_UNIFORM_STREAM = 0x5DEECE66D  # sets a seeded row's acceptance draws apart from its noise
 
 
 def _mix_seed(seed: int, index: int) -> int:
@@ -294,25 +293,12 @@ class Sampler:
         noise = torch.empty_like(probs)
         seeded = [i for i, seed in enumerate(metadata.seeds) if seed is not None]
         if len(seeded) < len(metadata.seeds):
-            noise.exponential_(generator=_step_generator(metadata, probs.device, 0))
+            noise.exponential_(generator=_step_generator(metadata, probs.device))
         for i in seeded:
             gen = torch.Generator(device=probs.device)
             gen.manual_seed(_mix_seed(metadata.seeds[i], metadata.output_index[i]))
             noise[i].exponential_(generator=gen)
         return noise.clamp_(min=1e-20)
-
-    @staticmethod
-    def uniforms(metadata: SamplingMetadata, device: torch.device) -> torch.Tensor:
-        """One U[0, 1) draw per row (a draft's acceptance test); a seeded row's is keyed on
-        (seed, output index), on a stream apart from its noise."""
-        u = torch.rand(len(metadata.seeds), device=device,
-                       generator=_step_generator(metadata, device, _UNIFORM_STREAM))
-        for i, seed in enumerate(metadata.seeds):
-            if seed is not None:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(_mix_seed(seed ^ _UNIFORM_STREAM, metadata.output_index[i]))
-                u[i] = torch.rand(1, generator=gen, device=device)[0]
-        return u
 
     @staticmethod
     def gather_logprobs(raw_logprobs: torch.Tensor, sampled: torch.Tensor,
@@ -329,13 +315,13 @@ class Sampler:
         return LogprobsTensors(token_ids, logprobs, ranks)
 
 
-def _step_generator(metadata: SamplingMetadata, device: torch.device, stream: int
+def _step_generator(metadata: SamplingMetadata, device: torch.device
                     ) -> torch.Generator | None:
     """The generator of the unseeded rows: keyed on the step's seed when it has one."""
     if metadata.step_seed is None:
         return None
     gen = torch.Generator(device=device)
-    gen.manual_seed(_mix_seed(metadata.step_seed ^ stream, 0))
+    gen.manual_seed(_mix_seed(metadata.step_seed, 0))
     return gen
 
 

@@ -146,7 +146,7 @@ class Scheduler:
         decodes = [(r, False) for r in self.running if self._num_left(r) == 1]
         prefills = [(r, True) for r in self.running if self._num_left(r) > 1]
         share = self.long_prefill_token_threshold  # running prefills' tokens before admission
-        for req, is_prefill in decodes + prefills:
+        for n, (req, is_prefill) in enumerate(decodes + prefills):
             if plan.budget == 0:
                 break
             if req.status != RequestStatus.RUNNING:
@@ -157,8 +157,9 @@ class Scheduler:
                 if num_new == 0:
                     continue  # an older prefill took the share; pass (3) may top it up
                 share -= num_new
-            elif req.spec_token_ids:  # verify last step's drafts with the new token
-                drafts = self._usable_drafts(req, plan.budget - 1)
+            elif req.spec_token_ids:  # verify last step's drafts with the new token; the
+                # decodes after this one keep a token each
+                drafts = self._usable_drafts(req, plan.budget - len(decodes) + n)
                 if drafts and self.block_manager.allocate(
                         req.request_id, req.num_computed_tokens, 1 + len(drafts)):
                     plan.add(req, 1 + len(drafts), drafts)
@@ -260,6 +261,12 @@ class Scheduler:
             return 0
         start = req.num_computed_tokens
         k = min(k, max(1, self.config.max_model_len - start - num_new))
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None:  # the step adds at least one output token; the next
+            # can use at most max_tokens - outputs - 1 drafts (the last token is the bonus)
+            k = min(k, max_tokens - req.num_output_tokens - 2)
+            if k < 1:
+                return 0
         while k > 1 and not self.block_manager.allocate(req.request_id, start, num_new + k - 1):
             k -= 1
         return k

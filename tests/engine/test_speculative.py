@@ -376,3 +376,20 @@ def test_grammar_rows_do_not_speculate(checkpoint):
         sched.add_request(sched_mod.Request(rid, [1, 2, 3], params))
     batch = sched.schedule()
     assert dict(zip(batch.req_ids, batch.num_propose_tokens)) == {"free": 2, "bound": 0}
+
+
+def test_seeded_sampling_gives_the_same_tokens_with_drafts(checkpoint, greedy_reference):
+    """Each verified position samples with the noise of its output index, and a draft is
+    accepted only where it equals that sample: a seeded request (top-p, penalties) gives the
+    tokens it gives without speculation (fp64: the same logits in any batch shape)."""
+    prompts = greedy_reference[0][:2]
+    params = [SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, presence_penalty=0.4,
+                             repetition_penalty=1.1, seed=s, ignore_eos=True) for s in (3, 4)]
+    want = outputs(make_llm(checkpoint, **EXACT), prompts, params)
+    for drafts in ("mtp", "partial"):  # partial: the first draft is the seeded sample
+        llm = make_llm(checkpoint, **EXACT, **spec(2))
+        if drafts == "partial":
+            llm.engine.runner.draft_override = Drafts(prompts, want, "partial")
+        assert outputs(llm, prompts, params) == want
+    stats = llm.engine.stats()
+    assert stats.spec_accepted_per_position[0] == stats.spec_num_drafts > 0
