@@ -21,21 +21,7 @@ from dsv4.engine.step_layout import StepLayout
 from dsv4.model.attention import DecodeRows
 from dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
 
-__all__ = ["MTPProposer", "draft_head"]
-
-
-def draft_head(model: DeepseekV4ForCausalLM) -> torch.Tensor | None:
-    """The head's weight for drafting: a bf16 copy when the model computes in fp32 on a CPU
-    whose GEMMs run bf16 natively (AVX-512 BF16 / AMX), else None (the head itself). A draft
-    is a greedy guess that verification accepts or replaces, so its precision can change how
-    many drafts are accepted, never an output; what it buys is half the bytes a draft step
-    reads, and on a small model the head is most of a draft step."""
-    weight = model.head.weight
-    if (weight.device.type != "cpu" or model.compute_dtype != torch.float32
-            or weight.dtype != torch.float32
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return None
-    return weight.to(torch.bfloat16)
+__all__ = ["MTPProposer"]
 
 
 class MTPProposer:
@@ -45,7 +31,6 @@ class MTPProposer:
         self.model, self.k = model, num_speculative_tokens
         self.first_layer = len(model.layers)  # cache layer of MTP block 0
         self.lockstep = model.parallel.dp.size > 1  # ranks of other groups wait in the MoE
-        self.head = draft_head(model)
 
     def _depth(self, j: int) -> tuple[int, int]:
         """(MTP block, its cache layer) drafting token j (0-based): the blocks in turn."""
@@ -90,7 +75,7 @@ class MTPProposer:
                 if not self.lockstep:
                     break
                 continue
-            prev = model.logits(x, owner=model.mtp[block], head=self.head)[0].argmax(dim=-1)
+            prev = model.logits(x, owner=model.mtp[block])[0].argmax(dim=-1)
             for i, t in zip(rows, prev.tolist()):
                 drafts[i].append(t)
         return drafts

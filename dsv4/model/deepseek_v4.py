@@ -29,11 +29,30 @@ from dsv4.model.moe import MoE
 from dsv4.model.sequence_cache import SequenceCache
 from dsv4.ops import OPS
 
-__all__ = ["Block", "MTPBlock", "DeepseekV4ForCausalLM"]
+__all__ = ["Block", "MTPBlock", "DeepseekV4ForCausalLM", "head_matmul"]
 
 
 def _fp32_param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape, dtype=torch.float32), requires_grad=False)
+
+
+_HEAD_MM_ROWS = 16  # up to this many rows, an fp32 head on the CPU goes through torch.mm
+
+
+def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., dim] @ weight [V, dim].T -> [..., V]. On the CPU, an fp32 head with the few rows
+    of a decode or verify step is computed as weight @ x.T over at least two columns: MKL's
+    GEMM streams the head at memory speed there, where linear() takes a path 2-3x slower for 2
+    to 8 rows (and a single row's GEMV is no faster); BENCHMARKS.md, "The head on the CPU".
+    More rows, other dtypes and devices: linear()."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if x.device.type != "cpu" or x.dtype != torch.float32 or n > _HEAD_MM_ROWS:
+        return F.linear(x, weight)
+    if n == 1:
+        rows = rows.repeat(2, 1)
+    out = torch.mm(weight, rows.t()).t()[:n].contiguous()
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class Block(nn.Module):
@@ -164,19 +183,14 @@ class DeepseekV4ForCausalLM(nn.Module):
             h = block(h, input_ids, segments, positions)
         return h
 
-    def logits(self, h: torch.Tensor, owner: nn.Module | None = None,
-               head: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits of streams h; ``owner`` holds hc_head and the norm (an MTP block), and
-        ``head`` may stand in for the head's weight (the drafter's copy)."""
+    def logits(self, h: torch.Tensor, owner: nn.Module | None = None) -> torch.Tensor:
+        """fp32 logits of streams h; ``owner`` holds hc_head and the norm (an MTP block)."""
         owner = owner or self
         c = self.config
         x = hc_head(h, owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base,
                     c.hc_eps, c.rms_norm_eps)
         x = owner.norm(x)
-        if head is None:
-            out = F.linear(x, self.head.weight.to(x.dtype))
-        else:
-            out = F.linear(x.to(head.dtype), head)
+        out = head_matmul(x, self.head.weight.to(x.dtype))
         return self.parallel.tp.all_gather(out.float(), dim=-1)
 
     @torch.inference_mode()
