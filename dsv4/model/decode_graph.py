@@ -76,6 +76,10 @@ class DecodeGraphs:
         mode = "reduce-overhead" if self.cuda else None
         import torch._dynamo.config as dynamo_config
 
+        from dsv4.model.linear import run_dequantize_eagerly
+
+        run_dequantize_eagerly()
+
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
         # guards on tensors only: checking every block attribute cost ~100 us a call
         # (profiled). What differs between layers beyond tensors is the gate's kind, hence a

@@ -88,7 +88,16 @@ class Linear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.fmt}"
 
 
-@torch.compiler.disable  # eager inside compiled code (DecodeGraphs): inductor takes no e8m0 input
 def _dequantize(weight: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype
                 ) -> torch.Tensor:
     return (dequant_fp8 if fmt == "fp8" else dequant_fp4)(weight, scale, dtype)
+
+
+def run_dequantize_eagerly() -> None:
+    """Keep the dequantization eager inside compiled code (inductor takes no e8m0 input).
+    Called when a compiled decode step is built (DecodeGraphs), not at import: wrapping it at
+    import would import torch._dynamo (~2 s) with every use of dsv4."""
+    global _dequantize
+    if not getattr(_dequantize, "_dsv4_eager", False):
+        _dequantize = torch.compiler.disable(_dequantize)
+        _dequantize._dsv4_eager = True

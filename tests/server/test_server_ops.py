@@ -35,7 +35,9 @@ ACCESS = re.compile(r'^127\.0\.0\.1:\d+ "(?P<method>[A-Z]+) (?P<target>\S+) HTTP
 STATS = re.compile(r"^running: (?P<running>\d+) reqs, waiting: (?P<waiting>\d+) reqs, "
                    r"KV cache usage: \d+\.\d%, prompt throughput: (?P<prompt>\d+\.\d) tokens/s, "
                    r"generation throughput: (?P<generation>\d+\.\d) tokens/s"
-                   r"(, prefix cache hit rate: (?P<hit_rate>\d+\.\d)%)?$")
+                   r"(, prefix cache hit rate: (?P<hit_rate>\d+\.\d)%)?"
+                   r"(, spec decode: mean accepted length (?P<spec_len>\d+\.\d\d), "
+                   r"acceptance (?P<spec_rate>\d+\.\d)%)?$")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,8 @@ def test_stats_line_while_busy_and_silence_when_idle(srv, caplog):
 def test_stats_logger_line_and_rates():
     metrics = ServerMetrics("m")
     gauges = SimpleNamespace(num_running=2, num_waiting=1, kv_cache_usage=0.125,
-                             prefix_cache_queries=400, prefix_cache_hits=100)
+                             prefix_cache_queries=400, prefix_cache_hits=100,
+                             spec_num_drafts=10, spec_draft_tokens=20, spec_accepted_tokens=15)
 
     async def get_stats():
         return gauges
@@ -123,6 +126,8 @@ def test_stats_logger_line_and_rates():
     assert float(m["prompt"]) > 0 and float(m["generation"]) > 0
     assert (stats.num_prompt_tokens, stats.num_generation_tokens) == (30, 5)
     assert m["hit_rate"] == "25.0"  # hits / queries since the last line
+    # 10 verifying rows accepted 15 of 20 drafts: 2.5 tokens a row-step
+    assert (m["spec_len"], m["spec_rate"]) == ("2.50", "75.0")
     gauges.num_running = gauges.num_waiting = 0
     assert asyncio.run(logger.log_once()) is not None  # the drain line
     assert asyncio.run(logger.log_once()) is None  # idle: silent
