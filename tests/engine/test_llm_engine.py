@@ -223,7 +223,9 @@ def test_preemption_keeps_greedy_outputs(tiny_checkpoint):
     assert tight.engine.block_manager.all_free()
 
 
-def test_tight_cache_really_preempts(tiny_checkpoint, monkeypatch):
+@pytest.fixture
+def preemptions(monkeypatch) -> dict[str, int]:
+    """Counts the scheduler's preemptions during a test ({"n": count})."""
     from dsv4.engine import scheduler as sched_mod
 
     count = {"n": 0}
@@ -234,6 +236,11 @@ def test_tight_cache_really_preempts(tiny_checkpoint, monkeypatch):
         return real(self, req)
 
     monkeypatch.setattr(sched_mod.Scheduler, "_preempt", spy)
+    return count
+
+
+def test_tight_cache_really_preempts(tiny_checkpoint, preemptions):
+    count = preemptions
     path = tiny_checkpoint(tiny_config())
     llm = make_llm(path, **TIGHT)
     outs = llm.generate(prompt_token_ids=prompts_of([30, 25, 40, 35]),

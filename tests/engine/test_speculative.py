@@ -21,7 +21,8 @@ from dsv4 import SamplingParams
 from dsv4.engine import scheduler as sched_mod
 from dsv4.engine.rejection_sampler import RejectionSampler, VerifyLayout
 from dsv4.engine.sampler import SamplingMetadata
-from test_llm_engine import EXACT, GREEDY, TIGHT_EXACT, make_llm, prompts_of
+from test_llm_engine import (EXACT, GREEDY, TIGHT_EXACT, make_llm,  # noqa: F401 (fixture)
+                             preemptions, prompts_of)
 from test_speculative_rollback import live_rows
 
 
@@ -89,23 +90,15 @@ def greedy_reference(checkpoint):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("drafts", ["mtp", "wrong", "right", "partial"])
-def test_greedy_outputs_equal_without_speculation(checkpoint, greedy_reference, monkeypatch,
+def test_greedy_outputs_equal_without_speculation(checkpoint, greedy_reference, preemptions,
                                                   k, drafts):
     """Tight cache (preemption) and small chunks (chunked prefill), one batch of four."""
     prompts, params, want = greedy_reference
-    preempted = {"n": 0}
-    real = sched_mod.Scheduler._preempt
-
-    def spy(self, req):
-        preempted["n"] += 1
-        return real(self, req)
-
-    monkeypatch.setattr(sched_mod.Scheduler, "_preempt", spy)
     llm = make_llm(checkpoint, **SPEC_TIGHT, **EXACT, **spec(k))
     if drafts != "mtp":
         llm.engine.runner.draft_override = Drafts(prompts, want, drafts)
     assert outputs(llm, prompts, params) == want
-    assert preempted["n"] > 0
+    assert preemptions["n"] > 0
     stats = llm.engine.stats()
     assert stats.spec_num_drafts > 0 and stats.spec_draft_tokens > 0
     if drafts == "wrong":
