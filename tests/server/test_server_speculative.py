@@ -12,7 +12,10 @@ from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine_args import EngineArgs
 from dsv4.sampling_params import SamplingParams
 
-srv = module_server(speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+# fp64 (the exact mode): a verify row and a plain decode attend by different paths, and only
+# there do they give the same logits to the last bit (docs/architecture.md, numerics)
+srv = module_server(speculative_config={"method": "mtp", "num_speculative_tokens": 2},
+                    dtype="float64")
 PROMPT = [9, 812, 77, 1500, 23, 4096, 311, 58, 2048, 65, 1024, 99]
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -25,7 +28,8 @@ def plain_tokens(srv, prompt: list[int], max_tokens: int) -> list[int]:
     thread, between its steps)."""
     def run(engine: LLMEngine) -> list[int]:
         model = engine.model
-        eng = LLMEngine(model, EngineArgs(**ENGINE_ARGS).create_engine_config(model),
+        eng = LLMEngine(model, EngineArgs(**ENGINE_ARGS, dtype="float64").create_engine_config(
+                            model),
                         srv.tokenizer.eos_token_id)
         eng.add_request("ref", prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
                                                       ignore_eos=True))
