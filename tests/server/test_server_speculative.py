@@ -28,9 +28,8 @@ def plain_tokens(srv, prompt: list[int], max_tokens: int) -> list[int]:
     thread, between its steps)."""
     def run(engine: LLMEngine) -> list[int]:
         model = engine.model
-        eng = LLMEngine(model, EngineArgs(**ENGINE_ARGS, dtype="float64").create_engine_config(
-                            model),
-                        srv.tokenizer.eos_token_id)
+        args = EngineArgs(**ENGINE_ARGS, dtype="float64")
+        eng = LLMEngine(model, args.create_engine_config(model), srv.tokenizer.eos_token_id)
         eng.add_request("ref", prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
                                                       ignore_eos=True))
         out: list[int] = []
