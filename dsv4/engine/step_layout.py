@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.cache.kv_cache import DecodeGroup, KVCache, RequestView
+from dsv4.cache.decode_group import DecodeGroup
+from dsv4.cache.kv_cache import KVCache, RequestView
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.model.attention import DecodeRows, Segment
 

@@ -15,7 +15,8 @@ import torch
 
 from conftest import tiny_config
 from dsv4.cache.block_manager import BlockManager
-from dsv4.cache.kv_cache import DecodeGroup, KVCache, RequestView
+from dsv4.cache.decode_group import DecodeGroup
+from dsv4.cache.kv_cache import KVCache, RequestView
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.model.cache_store import (
     BatchedCompressorStore,
