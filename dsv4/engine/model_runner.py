@@ -103,16 +103,13 @@ class ModelRunner:
         if rows:
             index = torch.tensor(batch.logits_indices(), dtype=torch.long, device=self.device)
             logits = self.model.logits(h[:, index])[0]  # [sampled positions, vocab]
-            vocab = self.model.config.vocab_size
-            if self.proposer is None:
-                meta = SamplingMetadata.from_batch(batch, self.device, vocab)
+            meta = SamplingMetadata.from_batch(batch, self.device, self.model.config.vocab_size)
+            if self.proposer is None:  # one position per row
                 out = self.sampler(logits, meta)
                 for row, token in zip(rows, out.sampled_token_ids.tolist()):
                     result[row] = [token]
             else:
-                verify = VerifyLayout.of(batch)
-                meta = verify.metadata(batch, self.device, vocab, batch.step_seed)
-                tokens, logprobs = self.rejection_sampler(logits, meta, verify)
+                tokens, logprobs = self.rejection_sampler(logits, meta, VerifyLayout.of(batch))
                 for row, new in zip(rows, tokens):
                     result[row] = new
                 out = SamplerOutput(torch.tensor([t for new in tokens for t in new]), logprobs)

@@ -17,11 +17,9 @@ output with or without drafts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Future
-
 import torch
 
-from dsv4.engine.batch import GrammarMask, ScheduledBatch
+from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.sampler import LogprobsTensors, Sampler, SamplingMetadata
 
 __all__ = ["RejectionSampler", "VerifyLayout"]
@@ -29,7 +27,8 @@ __all__ = ["RejectionSampler", "VerifyLayout"]
 
 class VerifyLayout:
     """The sampling rows of a step by verified position: row r's positions are
-    offsets[r] .. offsets[r] + len(drafts[r]) (the logits' rows, in order)."""
+    offsets[r] .. offsets[r] + len(drafts[r]) (the logits' rows, in order, as
+    ``SamplingMetadata.from_batch`` lays them out)."""
 
     def __init__(self, drafts: Sequence[Sequence[int]]) -> None:
         self.drafts = [list(d) for d in drafts]
@@ -43,31 +42,6 @@ class VerifyLayout:
     def of(cls, batch: ScheduledBatch) -> VerifyLayout:
         return cls([batch.token_ids[i][len(batch.token_ids[i]) - batch.num_drafts(i):]
                     for i in batch.sample_indices])
-
-    def metadata(self, batch: ScheduledBatch, device: torch.device | str,
-                 vocab_size: int | None, step_seed: int | None) -> SamplingMetadata:
-        """SamplingMetadata with one row per verified position."""
-        params, outputs, prompts, index, eos = [], [], [], [], []
-        for r, i in enumerate(batch.sample_indices):
-            done = batch.output_token_ids[i]
-            counts = batch.sampling_params[i].has_penalties  # else the outputs are not read
-            for j in range(len(self.drafts[r]) + 1):
-                params.append(batch.sampling_params[i])
-                outputs.append([*done, *self.drafts[r][:j]] if counts and j else done)
-                prompts.append(batch.prompt_token_ids[i])
-                index.append(batch.num_output_tokens[i] + j)
-                eos.append(batch.eos_token_ids[i] if batch.eos_token_ids else None)
-        grammar = batch.grammar
-        if isinstance(grammar, Future):
-            grammar = grammar.result()
-        if grammar is not None:  # rows under a grammar have no drafts: one position each
-            grammar = GrammarMask([self.offsets[r] for r in grammar.rows], grammar.bitmask,
-                                  [(self.offsets[r], t) for r, t in grammar.banned])
-        meta = SamplingMetadata.build(params, device, output_token_ids=outputs,
-                                      prompt_token_ids=prompts, output_index=index,
-                                      vocab_size=vocab_size, eos_token_ids=eos, grammar=grammar)
-        meta.step_seed = step_seed
-        return meta
 
 
 class RejectionSampler:

@@ -140,21 +140,34 @@ class SamplingMetadata:
     @classmethod
     def from_batch(cls, batch: ScheduledBatch, device: torch.device | str,
                    vocab_size: int | None = None) -> SamplingMetadata:
-        """Metadata for the sampling rows of ``batch`` (``batch.sample_indices`` order)."""
-        rows = batch.sample_indices
+        """Metadata for the positions ``batch``'s sampling rows sample at, in
+        ``batch.sample_indices`` order: one per row, or k + 1 for a row that verifies k drafts
+        (speculative decoding). Position j of a row is processed as the token it would sample:
+        the drafts before it count as output (penalties), and min_tokens and the seed's output
+        index advance by j."""
+        params, outputs, prompts, index, eos, first = [], [], [], [], [], []
+        for i in batch.sample_indices:
+            done, n = batch.output_token_ids[i], len(batch.token_ids[i])
+            drafts = batch.token_ids[i][n - batch.num_drafts(i):]
+            counts = batch.sampling_params[i].has_penalties  # else the outputs are not read
+            first.append(len(params))
+            for j in range(len(drafts) + 1):
+                params.append(batch.sampling_params[i])
+                outputs.append([*done, *drafts[:j]] if counts and j else done)
+                prompts.append(batch.prompt_token_ids[i])
+                index.append(batch.num_output_tokens[i] + j)
+                eos.append(batch.eos_token_ids[i] if batch.eos_token_ids else None)
         grammar = batch.grammar
         if isinstance(grammar, Future):  # computed while the model ran
             grammar = grammar.result()
-        return cls.build(
-            [batch.sampling_params[i] for i in rows], device,
-            output_token_ids=[batch.output_token_ids[i] for i in rows],
-            prompt_token_ids=[batch.prompt_token_ids[i] for i in rows],
-            output_index=[batch.num_output_tokens[i] for i in rows],
-            vocab_size=vocab_size,
-            eos_token_ids=[batch.eos_token_ids[i] for i in rows] if batch.eos_token_ids else None,
-            grammar=grammar,
-        )
-
+        if grammar is not None:  # rows under a grammar verify no drafts: one position each
+            grammar = GrammarMask([first[r] for r in grammar.rows], grammar.bitmask,
+                                  [(first[r], t) for r, t in grammar.banned])
+        meta = cls.build(params, device, output_token_ids=outputs, prompt_token_ids=prompts,
+                         output_index=index, vocab_size=vocab_size, eos_token_ids=eos,
+                         grammar=grammar)
+        meta.step_seed = batch.step_seed
+        return meta
 
 @dataclass
 class LogprobsTensors:
