@@ -1,10 +1,17 @@
-"""DecodeGroup: a step's one-token rows in the paged cache, served together (vectorized).
+"""DecodeGroup: a step's decode rows in the paged cache, served together (vectorized).
 
 The attention's DecodeRows path reads and writes through the stores handed out here
 (`BatchedLayerStore` and `BatchedCompressorStore` of dsv4.model.cache_store, implemented
 structurally): per-row block tables padded into matrices, one state slot and one position per
 row, slot tensors built once per step and shared by every layer. The storage is `KVCache`'s
 (dsv4.cache.kv_cache), like `RequestView`'s for the per-request Segment path.
+
+A row is one token. A request that verifies k drafts (speculative decoding) has k + 1 rows at
+consecutive positions, its j-th token in wave j; every plain decode is in wave 0. Window writes
+and attention serve all rows at once (a row reads only positions up to its own, all written
+before any read); compressor state advances wave by wave, as k + 1 one-token steps would
+(a window may complete inside the drafts). Writes of waves >= 1 (drafts) to compressor state
+are logged with the values they replace, so `rollback` can forget rejected drafts exactly.
 """
 
 from __future__ import annotations
@@ -22,13 +29,19 @@ def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
                         device=device)
 
 
+# one logged compressor-state write: (state tensor [slots, rows, width], state slots [n], state
+# rows [n] or a slice of rows, the values they held before [n, ...], the group rows [n] written)
+_Undo = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | slice", torch.Tensor, list[int]]
+
+
 class DecodeGroup:
-    """R requests with one new token each in this step, served together (vectorized) by the
-    attention's DecodeRows path: per-row block tables padded into matrices, one state slot and
-    one position per row."""
+    """R rows of one token each in this step, served together (vectorized) by the attention's
+    DecodeRows path: per-row block tables padded into matrices, one state slot and one position
+    per row, and each row's wave (its token's index among its request's tokens of the step)."""
 
     def __init__(self, cache: KVCache, tables: list[dict[str, list[int]]],
-                 swa_offsets: list[int], slots: list[int], positions: list[int]) -> None:
+                 swa_offsets: list[int], slots: list[int], positions: list[int],
+                 waves: list[int] | None = None) -> None:
         dev = cache.device
         self.cache, self.pos_list = cache, positions
         self.positions = torch.tensor(positions, dtype=torch.long, device=dev)
@@ -36,10 +49,55 @@ class DecodeGroup:
         self.swa_offsets = torch.tensor(swa_offsets, dtype=torch.long, device=dev)
         self.tables = {k: _padded([t[k] for t in tables], dev) for k in tables[0]}
         self.rows = torch.arange(len(positions), device=dev)
+        # rows of each wave (None: every row; the group has one wave)
+        self.wave_rows: list[list[int] | None] = [None]
+        self.wave_index: list[torch.Tensor | None] = [None]
+        self.undo: list[_Undo] | None = None  # logged draft writes, with waves >= 1
+        self._forgotten: set[int] = set()  # rows already rolled back
+        if waves and max(waves):
+            self.wave_rows = [[r for r, w in enumerate(waves) if w == j]
+                              for j in range(max(waves) + 1)]
+            self.wave_index = [torch.tensor(r, dtype=torch.long, device=dev)
+                               for r in self.wave_rows]
+            self.undo = []
         self._window: tuple[torch.Tensor, torch.Tensor] | None = None
         self._entry_slots: dict[tuple[str, int, int], torch.Tensor] = {}
-        self._completing: dict[int, torch.Tensor | None] = {}
-        self._block_ends: tuple[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+        self._completing: dict[tuple[int, int], torch.Tensor | None] = {}
+        self._block_ends: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    @property
+    def num_waves(self) -> int:
+        return len(self.wave_rows)
+
+    def members(self, wave: int) -> range | list[int]:
+        """The group rows of `wave`."""
+        rows = self.wave_rows[wave]
+        return range(len(self.pos_list)) if rows is None else rows
+
+    def log(self, wave: int, state: torch.Tensor, slots: torch.Tensor,
+            rows: torch.Tensor | slice, group_rows: list[int]) -> None:
+        """Keep what state[slots, rows] holds before a write by group rows of `wave` (nothing
+        for wave 0: a step's first token of each request is always kept)."""
+        if wave and self.undo is not None:
+            self.undo.append((state, slots, rows, state[slots, rows], group_rows))
+
+    def rollback(self, rejected: set[int]) -> None:
+        """Undo the compressor-state writes of group rows `rejected` (a request's drafts from
+        some wave on, for each request that rejects any), newest first: the state becomes what
+        the kept rows alone leave. Entries and window KV written for rejected positions need
+        nothing: they lie past what the kept positions count and are overwritten when computed
+        again. Rows already rolled back are skipped."""
+        rejected = rejected - self._forgotten
+        if not rejected or self.undo is None:
+            return
+        self._forgotten |= rejected
+        dev = self.cache.device
+        for state, slots, rows, old, group_rows in reversed(self.undo):
+            pick = [n for n, r in enumerate(group_rows) if r in rejected]
+            if not pick:
+                continue
+            sel = torch.tensor(pick, dtype=torch.long, device=dev)
+            state[slots[sel], rows if isinstance(rows, slice) else rows[sel]] = old[sel]
 
     def window_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat swa slots [R, W] of each row's window (oldest first, the new token last) and
@@ -67,27 +125,28 @@ class DecodeGroup:
             self._entry_slots[key] = slots.masked_fill(ids >= have.unsqueeze(1), -1)
         return self._entry_slots[key]
 
-    def completing_rows(self, ratio: int) -> torch.Tensor | None:
-        """Rows [R_done] whose window of `ratio` tokens this token completes (None: no row);
-        shared by every layer (and the indexer keys) of that ratio."""
-        if ratio not in self._completing:
-            done = [r for r, p in enumerate(self.pos_list) if (p + 1) % ratio == 0]
-            self._completing[ratio] = (
+    def completing_rows(self, ratio: int, wave: int = 0) -> torch.Tensor | None:
+        """Rows [R_done] of `wave` whose window of `ratio` tokens their token completes (None:
+        no row); shared by every layer (and the indexer keys) of that ratio."""
+        key = (ratio, wave)
+        if key not in self._completing:
+            done = [r for r in self.members(wave) if (self.pos_list[r] + 1) % ratio == 0]
+            self._completing[key] = (
                 torch.tensor(done, dtype=torch.long, device=self.cache.device) if done else None)
-        return self._completing[ratio]
+        return self._completing[key]
 
-    def block_ends(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, swa blocks): the rows whose token is the last of a cache block, and that
-        block, when a prefix cache keeps CSA state there; None when there are none."""
-        if self._block_ends is None:
+    def block_ends(self, wave: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, swa blocks): the rows of `wave` whose token is the last of a cache block, and
+        that block, when a prefix cache keeps CSA state there; None when there are none."""
+        if wave not in self._block_ends:
             bs, found = self.cache.block_size, None
-            rows = [r for r, p in enumerate(self.pos_list) if (p + 1) % bs == 0]
+            rows = [r for r in self.members(wave) if (self.pos_list[r] + 1) % bs == 0]
             if rows and self.cache.boundaries:
                 index = torch.tensor(rows, dtype=torch.long, device=self.cache.device)
                 logical = self.positions[index] // bs - self.swa_offsets[index]
                 found = (index, self.tables["swa"][index, logical])
-            self._block_ends = (found,)
-        return self._block_ends[0]
+            self._block_ends[wave] = found
+        return self._block_ends[wave]
 
     def layer(self, layer: int) -> _BatchedLayerStore:
         return _BatchedLayerStore(self, layer)
@@ -129,15 +188,20 @@ class _BatchedCompressorStore:
         self.flat, self.per_block, self.table = _compressed_storage(group.cache, group.tables,
                                                                     key, layer)
         self.num_entries = max((p + 1) // ratio for p in group.pos_list)  # after this token
+        self.num_waves = group.num_waves
 
-    def write_token(self, kv: torch.Tensor, score: torch.Tensor) -> None:
+    def write_token(self, kv: torch.Tensor, score: torch.Tensor, wave: int) -> None:
         g = self.group
-        row = g.positions % self.ratio + (self.ratio if self.overlap else 0)
-        self.kv[g.slots, row] = kv.to(self.kv.dtype)
-        self.score[g.slots, row] = score.to(self.score.dtype)
+        slots, pos, index = g.slots, g.positions, g.wave_index[wave]
+        if index is not None:
+            slots, pos, kv, score = slots[index], pos[index], kv[index], score[index]
+        row = pos % self.ratio + (self.ratio if self.overlap else 0)
+        for state, new in ((self.kv, kv), (self.score, score)):
+            g.log(wave, state, slots, row, g.wave_rows[wave])
+            state[slots, row] = new.to(state.dtype)
 
-    def completing_rows(self) -> torch.Tensor | None:
-        return self.group.completing_rows(self.ratio)
+    def completing_rows(self, wave: int) -> torch.Tensor | None:
+        return self.group.completing_rows(self.ratio, wave)
 
     def completed_windows(self, done: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[R_done, slots, D] kv and scores of the windows completed by this token."""
@@ -152,16 +216,19 @@ class _BatchedCompressorStore:
         return (torch.cat([prev_kv, kv[:, m:, dim:]], dim=1),
                 torch.cat([prev_score, score[:, m:, dim:]], dim=1))
 
-    def append_completed(self, done: torch.Tensor, entries: torch.Tensor) -> None:
+    def append_completed(self, done: torch.Tensor, entries: torch.Tensor, wave: int) -> None:
         ids = (self.group.positions[done] + 1) // self.ratio - 1
         table = self.table[done]
         slots = table.gather(1, (ids // self.per_block).unsqueeze(1))[:, 0] * self.per_block
         self.group.cache.write(self.key, self.flat, slots + ids % self.per_block, entries)
         if self.overlap:  # the completed window becomes the previous one
-            s, m = self.group.slots[done], self.ratio
-            self.kv[s, :m] = self.kv[s, m:]
-            self.score[s, :m] = self.score[s, m:]
-            ends = self.group.block_ends()  # rows whose token ends a cache block
+            g, m = self.group, self.ratio
+            s = g.slots[done]
+            for state in (self.kv, self.score):
+                if wave:
+                    g.log(wave, state, s, slice(0, m), done.tolist())
+                state[s, :m] = state[s, m:]
+            ends = g.block_ends(wave)  # rows of the wave whose token ends a cache block
             if ends is not None:
                 slots = self.group.slots[ends[0]]
                 self.group.cache.keep_boundaries(self.key, self.layer, ends[1],

@@ -226,8 +226,6 @@ class _CompressorStore:
 
     def observe(self, start: int, kv: torch.Tensor, score: torch.Tensor) -> None:
         view, cache, m = self.view, self.view.cache, self.ratio
-        if view.observed is not None:  # a speculative row: what a rollback rebuilds from
-            view.observed[(self.key, self.layer)] = (start, kv[0], score[0])
         if self.key not in cache.boundaries:
             return
         n_win = kv.shape[1] // m
@@ -278,19 +276,10 @@ class RequestView:
     csa layers) reads the same positions through the same tables."""
 
     def __init__(self, cache: KVCache, tables: dict[str, list[int]], swa_offset: int,
-                 slot: int, start_pos: int, speculative: bool = False) -> None:
+                 slot: int, start_pos: int) -> None:
         self.cache, self.swa_offset, self.slot, self.start_pos = cache, swa_offset, slot, start_pos
         self.tables = {k: torch.tensor(v, dtype=torch.long, device=cache.device)
                        for k, v in tables.items()}
-        # speculative (draft tokens that may be rejected): CSA's previous-window rows before the
-        # step and every compressor's rows of the step, for rollback(); None otherwise
-        self.observed: dict[tuple[str, int], tuple[int, torch.Tensor, torch.Tensor]] | None = None
-        self.previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if speculative:
-            self.observed = {}
-            self.previous = {key: (kv[:, slot, :4].clone(), score[:, slot, :4].clone())
-                             for key, (kv, score) in cache.states.items()
-                             if key.startswith("csa")}
         self._window: dict[tuple[int, int], torch.Tensor] = {}
         self._entries: dict[tuple[str, int, int, int], torch.Tensor] = {}
         self._block_ends: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
@@ -333,33 +322,3 @@ class RequestView:
 
     def layer(self, layer: int) -> _LayerStore:
         return _LayerStore(self, layer)
-
-    def rollback(self, end: int) -> None:
-        """Make the compressor state what a run that computed only positions < ``end`` leaves
-        (``end`` > start_pos: the step's first token is always kept). The step may have
-        completed windows with tokens at ``end`` or later: CSA's previous-window rows then hold
-        a rejected window and the pending rows a later one. Both are rebuilt by position from
-        the rows the step observed and, for a previous window before the step, the copy taken
-        when the view was made. Entries and window KV written for rejected positions need
-        nothing: they lie past what ``end`` counts and are overwritten when computed again."""
-        if self.observed is None:
-            raise RuntimeError("rollback of a view that was not made speculative")
-        if not self.start_pos < end:
-            raise ValueError(f"rollback to {end}: the step started at {self.start_pos}")
-        hca = self.cache.config.hca_ratio
-        for (key, layer), (first, kv_rows, score_rows) in self.observed.items():
-            m = 4 if key.startswith("csa") else hca
-            window = end - end % m  # the window `end` is in; its rows [window, end) are pending
-            kv_state, score_state = (t[layer, self.slot] for t in self.cache.states[key])
-            off = m if m == 4 else 0
-            for state, rows in ((kv_state, kv_rows), (score_state, score_rows)):
-                state[off:off + end - window] = rows[window - first:end - first].to(state.dtype)
-            if m != 4 or window == 0:
-                continue
-            if window - m >= first:  # the previous window was observed whole
-                prev = (kv_rows[window - m - first:window - first],
-                        score_rows[window - m - first:window - first])
-            else:  # it ended before the step: as it was then
-                prev = tuple(t[layer] for t in self.previous[key])
-            for state, rows in zip((kv_state, score_state), prev):
-                state[:m] = rows.to(state.dtype)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from dsv4.cache.block_manager import BlockManager
-from dsv4.cache.kv_cache import KVCache, RequestView
+from dsv4.cache.kv_cache import KVCache
 from dsv4.engine.batch import ScheduledBatch
 from dsv4.engine.mtp_proposer import MTPProposer
 from dsv4.engine.rejection_sampler import RejectionSampler, VerifyLayout
@@ -66,8 +66,8 @@ class ModelRunner:
                          if num_speculative_tokens else None)
         # a test hook: (request id, its token ids so far, drafts proposed) -> drafts to use
         self.draft_override: Callable[[str, list[int], list[int]], list[int]] | None = None
-        # the last step's rows with draft tokens, by request id, until rollback() or the next step
-        self.speculative: dict[str, RequestView] = {}
+        # the last step's layout, for rollback(), until the next step
+        self.layout: StepLayout | None = None
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -89,8 +89,7 @@ class ModelRunner:
         if starts_cached:  # requests that start after a cached prefix: its CSA state
             self.kv_cache.load_boundaries([batch.state_slots[i] for i in starts_cached],
                                           [batch.boundary_blocks[i] for i in starts_cached])
-        layout = StepLayout(batch, self.kv_cache)
-        self.speculative = layout.speculative
+        layout = self.layout = StepLayout(batch, self.kv_cache)
         if self.decode_graphs is not None and layout.group is not None and not layout.views:
             h = self.decode_graphs.run_layers(input_ids, layout.group.positions,
                                               layout.group.layer)
@@ -115,11 +114,12 @@ class ModelRunner:
                 out = SamplerOutput(torch.tensor([t for new in tokens for t in new]), logprobs)
         drafts: list[list[int]] = []
         if self.proposer is not None:
-            kept = [len(ids) - batch.num_drafts(i) + max(0, len(result[i]) - 1)
-                    for i, ids in enumerate(batch.token_ids)]
-            for i, view in layout.views.items():  # forget the rejected drafts' state
-                if view.observed is not None and kept[i] < len(batch.token_ids[i]):
-                    view.rollback(batch.num_computed_tokens[i] + kept[i])
+            # a row that verifies keeps its first token, its accepted drafts and no more; one
+            # with drafts that does not sample keeps them all until rollback() is called
+            kept = [len(ids) - batch.num_drafts(i) + len(result[i]) - 1 if result[i]
+                    else len(ids) for i, ids in enumerate(batch.token_ids)]
+            layout.rollback({i: kept[i] for i in range(batch.num_reqs)
+                             if batch.num_drafts(i) and kept[i] < len(batch.token_ids[i])})
             nxt = [result[i][-1] if result[i] else batch.next_token_ids[i]
                    for i in range(batch.num_reqs)]
             drafts = self.proposer.propose(batch, layout, h, kept, nxt)
@@ -141,11 +141,13 @@ class ModelRunner:
         return out
 
     def rollback(self, request_id: str, end: int) -> None:
-        """Forget the last step's tokens of a speculative row from position ``end`` on (its
-        rejected drafts): the compressor state becomes what computing only [0, end) leaves.
-        ``execute`` does this itself for the drafts its verification rejects; the scheduler
-        sets the request's num_computed_tokens to ``end`` likewise."""
-        self.speculative[request_id].rollback(end)
+        """Forget the last step's tokens of a row with drafts from position ``end`` on: the
+        compressor state becomes what computing only [0, end) leaves. ``execute`` does this
+        itself for the drafts its verification rejects (a row with drafts that does not
+        sample keeps them until this is called); forgotten tokens stay forgotten."""
+        batch = self.layout.batch
+        i = batch.req_ids.index(request_id)
+        self.layout.rollback({i: end - batch.num_computed_tokens[i]})
 
     def _prompt_logprobs(self, batch: ScheduledBatch, h: torch.Tensor) -> PromptLogprobs:
         """Log-softmax of the logits at each scheduled position p < prompt length - 1 of rows

@@ -56,7 +56,7 @@ class CompressorStore(Protocol):
         """Every row the segment pools or leaves pending, kv, score [B, n, width] at positions
         start.. (a window start: the pending rows first, then the segment's own). The paged
         store keeps what it needs from them: CSA's rows at the end of a cache block (prefix
-        caching) and a speculative row's rows (rollback); others ignore the call."""
+        caching); others ignore the call."""
         ...
 
     def append(self, entries: torch.Tensor) -> None:
@@ -96,19 +96,27 @@ class LayerStore(Protocol):
 
 @runtime_checkable
 class BatchedCompressorStore(Protocol):
-    """One compressor's state and entries for R decode rows, one new token each."""
+    """One compressor's state and entries for R decode rows, one token each. Rows of one
+    sequence at consecutive positions (speculative decoding's verified drafts) lie in
+    successive waves; every other row is in wave 0."""
 
     @property
     def num_entries(self) -> int:
         """Entries of the row with the most, counting those this token completes."""
         ...
 
-    def write_token(self, kv: torch.Tensor, score: torch.Tensor) -> None:
-        """Put each row's new token kv, score [R, width] into its unfinished window."""
+    @property
+    def num_waves(self) -> int:
+        """How many waves the rows form (1 without drafts)."""
         ...
 
-    def completing_rows(self) -> torch.Tensor | None:
-        """Rows [R_done] whose window this token completes; None when there are none."""
+    def write_token(self, kv: torch.Tensor, score: torch.Tensor, wave: int) -> None:
+        """Put the new token of each row of `wave` into its unfinished window (kv, score
+        [R, width]: every row's; the store picks the wave's)."""
+        ...
+
+    def completing_rows(self, wave: int) -> torch.Tensor | None:
+        """Rows [R_done] of `wave` whose window their token completes; None when none does."""
         ...
 
     def completed_windows(self, done: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +124,8 @@ class BatchedCompressorStore(Protocol):
         pooling layout (CSA: the previous window's first halves, then this one's second)."""
         ...
 
-    def append_completed(self, done: torch.Tensor, entries: torch.Tensor) -> None:
-        """Store the new entry [R_done, D] of each row in `done`."""
+    def append_completed(self, done: torch.Tensor, entries: torch.Tensor, wave: int) -> None:
+        """Store the new entry [R_done, D] of each row in `done` (rows of `wave`)."""
         ...
 
     def entry_slots(self) -> tuple[torch.Tensor, torch.Tensor, Decoder | None]:

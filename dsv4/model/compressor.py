@@ -84,18 +84,23 @@ class Compressor(nn.Module):
         `state` is a batched store (the engine's paged one): write_token puts the token into its
         sequence's unfinished window; windows that complete here are pooled from
         completed_windows() (already in the [R_done, slots, D] layout of _overlap) and appended.
+        Rows of one sequence at consecutive positions (a verified draft run) are in successive
+        waves, consumed in turn: a window completed by one wave is pooled before the next wave
+        writes the following window.
         """
         m = self.ratio
         xf = upcast(x)
-        score = self.wgate(xf) + self.ape[positions % m]
-        state.write_token(self.wkv(xf), score)
-        done = state.completing_rows()
-        if done is None:
-            return
-        kv, score = state.completed_windows(done, self.head_dim)
-        starts = positions[done] + 1 - m
-        state.append_completed(done, self._finish(kv.unsqueeze(1), score.unsqueeze(1),
-                                                  starts.unsqueeze(1), x.dtype).squeeze(1))
+        kv_all, score_all = self.wkv(xf), self.wgate(xf) + self.ape[positions % m]
+        for wave in range(state.num_waves):
+            state.write_token(kv_all, score_all, wave)
+            done = state.completing_rows(wave)
+            if done is None:
+                continue
+            kv, score = state.completed_windows(done, self.head_dim)
+            starts = positions[done] + 1 - m
+            entries = self._finish(kv.unsqueeze(1), score.unsqueeze(1), starts.unsqueeze(1),
+                                   x.dtype).squeeze(1)
+            state.append_completed(done, entries, wave)
 
     def _finish(self, kv: torch.Tensor, score: torch.Tensor, pos: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:

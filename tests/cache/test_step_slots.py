@@ -68,10 +68,43 @@ def test_decode_group_shares_completing_rows_across_layers():
     group = DecodeGroup(cache, [bm.block_tables(r) for r in reqs], [0, 0, 0],
                         [bm.state_slot(r) for r in reqs], [19, 8, 15])
     csa = [group.layer(i) for i in CSA_LAYERS]
-    done = [s.compressor.completing_rows() for s in csa] + [s.indexer.completing_rows()
+    done = [s.compressor.completing_rows(0) for s in csa] + [s.indexer.completing_rows(0)
                                                            for s in csa]
     assert all(d is done[0] for d in done)
     assert done[0].tolist() == [0, 2]  # positions 19 and 15 end a window of 4
-    assert group.layer(2).compressor.completing_rows().tolist() == [2]  # 15 ends one of 8
+    assert group.layer(2).compressor.completing_rows(0).tolist() == [2]  # 15 ends one of 8
     quiet = DecodeGroup(cache, [bm.block_tables("b")], [0], [bm.state_slot("b")], [8])
-    assert quiet.layer(1).compressor.completing_rows() is None
+    assert quiet.layer(1).compressor.completing_rows(0) is None
+
+
+def test_drafts_in_later_waves_advance_the_compressor_in_order_and_roll_back():
+    """A row at 15 (the end of cache block 0) with drafts at 16..19 (the last completes a CSA
+    window): the compressor consumes wave after wave; block 0's kept CSA state is the window
+    that 15 completes, not one a draft completes later; rolling the drafts back restores the
+    state the kept token left."""
+    cache, bm = paged({"a": 40})
+    assert cache.boundaries, "prefix caching keeps CSA state at block ends"
+    tables, slot, dim = bm.block_tables("a"), bm.state_slot("a"), cache.config.head_dim
+    positions = [15, 16, 17, 18, 19]
+    group = DecodeGroup(cache, [tables] * 5, [0] * 5, [slot] * 5, positions, [0, 1, 2, 3, 4])
+    assert group.num_waves == 5
+    store = group.layer(CSA_LAYERS[0]).compressor
+    width = store.kv.shape[-1]
+    kv, score = torch.randn(5, width), torch.randn(5, width)
+    after_first = None
+    for wave in range(5):
+        store.write_token(kv, score, wave)
+        done = store.completing_rows(wave)
+        if done is not None:
+            assert done.tolist() == [wave]  # 15 and 19 complete a window
+            pooled_kv, _ = store.completed_windows(done, dim)
+            store.append_completed(done, pooled_kv[:, :1, :dim].squeeze(1), wave)
+        if wave == 0:
+            after_first = store.kv[slot].clone()
+    assert torch.equal(store.kv[slot, :4], kv[1:5])  # the window 16..19 is the previous one
+    kept = cache.boundaries["csa"][0][0, tables["swa"][0]]
+    assert torch.equal(kept, after_first[:4, :dim])  # 12..15's rows, as 15 left them
+    group.rollback({1, 2, 3, 4})
+    assert torch.equal(store.kv[slot], after_first)
+    group.rollback({1, 2, 3, 4})  # forgotten rows stay forgotten: nothing undone twice
+    assert torch.equal(store.kv[slot], after_first)
