@@ -22,12 +22,14 @@ __all__ = ["GrammarMask", "ScheduledBatch"]
 
 @dataclass
 class GrammarMask:
-    """Token masks of one step's rows under a grammar, in sampling-row order (CPU). Built by
+    """Token masks of one step's sampling positions under a grammar (CPU). Positions are laid
+    out as ``SamplingMetadata.from_batch`` lays them out: one per sampling row, in
+    sample_indices order, and k + 1 for a row that verifies k drafts. Built by
     ``dsv4.engine.structured_output``, applied by ``Sampler.apply_grammar``."""
 
-    rows: list[int]  # sampling rows (positions in sample_indices) under a grammar
+    rows: list[int]  # sampling positions under a grammar, increasing
     bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32: bit t of a row = token t allowed
-    banned: list[tuple[int, int]] = field(default_factory=list)  # (sampling row, token id)
+    banned: list[tuple[int, int]] = field(default_factory=list)  # (sampling position, token id)
 
 
 @dataclass

@@ -145,12 +145,11 @@ class SamplingMetadata:
         (speculative decoding). Position j of a row is processed as the token it would sample:
         the drafts before it count as output (penalties), and min_tokens and the seed's output
         index advance by j."""
-        params, outputs, prompts, index, eos, first = [], [], [], [], [], []
+        params, outputs, prompts, index, eos = [], [], [], [], []
         for i in batch.sample_indices:
             done, n = batch.output_token_ids[i], len(batch.token_ids[i])
             drafts = batch.token_ids[i][n - batch.num_drafts(i):]
             counts = batch.sampling_params[i].has_penalties  # else the outputs are not read
-            first.append(len(params))
             for j in range(len(drafts) + 1):
                 params.append(batch.sampling_params[i])
                 outputs.append([*done, *drafts[:j]] if counts and j else done)
@@ -158,11 +157,8 @@ class SamplingMetadata:
                 index.append(batch.num_output_tokens[i] + j)
                 eos.append(batch.eos_token_ids[i] if batch.eos_token_ids else None)
         grammar = batch.grammar
-        if isinstance(grammar, Future):  # computed while the model ran
+        if isinstance(grammar, Future):  # computed while the model ran (by position already)
             grammar = grammar.result()
-        if grammar is not None:  # rows under a grammar verify no drafts: one position each
-            grammar = GrammarMask([first[r] for r in grammar.rows], grammar.bitmask,
-                                  [(first[r], t) for r, t in grammar.banned])
         meta = cls.build(params, device, output_token_ids=outputs, prompt_token_ids=prompts,
                          output_index=index, vocab_size=vocab_size, eos_token_ids=eos,
                          grammar=grammar)

@@ -254,10 +254,9 @@ class Scheduler:
         """Drafts the runner's MTP block should propose for ``req`` after a step that computes
         ``num_new`` tokens of it (drafts included) and samples: up to num_speculative_tokens,
         fewer where blocks are short for the positions deeper drafts write past the step (up
-        to K - 1); none for a request under a grammar (its masks are made one token at a
-        time)."""
+        to K - 1)."""
         k = self.config.num_speculative_tokens
-        if not k or req.sampling_params.structured_outputs is not None:
+        if not k:
             return 0
         start = req.num_computed_tokens
         k = min(k, max(1, self.config.max_model_len - start - num_new))

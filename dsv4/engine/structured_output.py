@@ -15,6 +15,13 @@ only EOS. A prompt that ends with ``<think>`` opens the reasoning: the reasoning
 (except that EOS is masked, so the answer cannot be skipped) and the grammar starts after the
 ``</think>`` token. A grammar that is complete allows EOS; one that can go no further allows only
 EOS, so the request ends with finish_reason "stop".
+
+A row that verifies k drafts (speculative decoding) gets a mask for each of its k + 1
+positions: position j is masked as the state after the drafts before it leaves it (llguidance
+consumes them tentatively and rolls back), so every accepted token follows the grammar. A
+``</think>`` among the drafts starts the grammar at the position after it. Positions past a
+draft the grammar does not allow are never reached (that draft cannot be accepted); they get
+the last reachable position's mask.
 """
 
 from __future__ import annotations
@@ -100,43 +107,71 @@ class StructuredOutputManager:
         return self._helper.submit(self.prepare, batch)
 
     def prepare(self, batch: ScheduledBatch) -> GrammarMask | None:
-        """The masks of ``batch``'s constrained sampling rows; None when it has none."""
+        """The masks of ``batch``'s constrained sampling positions (one per sampling row, k + 1
+        for a row that verifies k drafts, laid out as ``SamplingMetadata.from_batch`` lays
+        them out); None when it has none."""
         if not self._states or batch.is_empty:
             return None
-        rows, matchers, banned = [], [], []
+        rows: list[int] = []  # sampling positions under a grammar, in order
+        work: list[tuple[object, int, list[int]]] = []  # (matcher, its first mask, drafts)
+        banned: list[tuple[int, int]] = []
         eos = self.compiler.eos_token_id if self.compiler is not None else None
-        for k, i in enumerate(batch.sample_indices):
+        position = 0
+        for i in batch.sample_indices:
+            n = batch.num_drafts(i)
+            drafts = batch.token_ids[i][len(batch.token_ids[i]) - n:] if n else []
+            first, position = position, position + n + 1
             state = self._states.get(batch.req_ids[i])
             if state is None:
                 continue
             state.sync(batch.output_token_ids[i], self.think_close)
-            if state.start is None:  # reasoning: free, but it must not end the answer
+            free = 0  # positions still in the reasoning: free, but EOS must not end the answer
+            if state.start is None:
+                free = next((j + 1 for j, t in enumerate(drafts) if t == self.think_close),
+                            n + 1)
                 if eos is not None:
-                    banned.append((k, eos))
-                continue
-            rows.append(k)
-            matchers.append(state.matcher)
+                    banned += [(first + j, eos) for j in range(free)]
+            if free <= n:  # the grammar covers positions first + free .. first + n
+                work.append((state.matcher, len(rows), drafts[free:]))
+                rows.extend(range(first + free, first + n + 1))
         if not rows and not banned:
             return None
         words = (self.vocab_size + 31) // 32
         bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
         if rows:
-            self._fill(matchers, bitmask, eos)
+            self._fill(work, bitmask, eos)
         return GrammarMask(rows, bitmask, banned)
 
-    def _fill(self, matchers: list, bitmask: torch.Tensor, eos: int | None) -> None:
+    def _fill(self, work: list[tuple[object, int, list[int]]], bitmask: torch.Tensor,
+              eos: int | None) -> None:
+        """Mask rows k .. k + len(drafts) of each (matcher, k, drafts): the matcher's state,
+        then its state after each draft."""
         if self._executor is None:
             import llguidance
 
             self._executor = llguidance.LLExecutor()
-        live = [(m, j) for j, m in enumerate(matchers) if not m.is_error()]
-        if live:
-            self._executor.unsafe_compute_mask_ptr(live, bitmask.data_ptr(),
-                                                   bitmask.shape[1] * 4, bitmask.shape[0])
-        for j, m in enumerate(matchers):
+        live, unreachable = [], []
+        for m, k, drafts in work:
+            if m.is_error():
+                continue
+            valid = m.validate_tokens(drafts) if drafts else 0
+            live.append((m, k, drafts[:valid]))
+            if valid < len(drafts):  # masks past the first draft it does not allow
+                unreachable.append((k + valid, len(drafts) - valid))
+        ptr, stride, n = bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0]
+        plain = [(m, k) for m, k, drafts in live if not drafts]
+        if plain:
+            self._executor.unsafe_compute_mask_ptr(plain, ptr, stride, n)
+        verified = [entry for entry in live if entry[2]]  # (it takes no empty draft list)
+        if verified:
+            self._executor.unsafe_compute_mask_ptr_with_draft_token(verified, ptr, stride, n)
+        for last, count in unreachable:
+            bitmask[last + 1:last + 1 + count] = bitmask[last]
+        for m, k, drafts in work:
             if m.is_error():  # a token outside the grammar was forced: end the request
                 logger.warning("grammar error, ending the request: %s", m.get_error())
-                bitmask[j].zero_()
+                rows = bitmask[k:k + len(drafts) + 1]
+                rows.zero_()
                 if eos is not None:
                     bit = 1 << (eos % 32)
-                    bitmask[j, eos // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit
+                    rows[:, eos // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit

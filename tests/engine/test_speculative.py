@@ -356,8 +356,9 @@ def test_a_checkpoint_without_mtp_cannot_speculate(tmp_path):
         make_llm(path, **spec(1))
 
 
-def test_grammar_rows_do_not_speculate(checkpoint):
-    """A request under a grammar gets no drafts (its masks follow one token a step)."""
+def test_grammar_rows_speculate_too(checkpoint):
+    """A request under a grammar gets drafts like any other (each verified position gets its
+    own mask: test_speculative_grammar.py)."""
     from dsv4.structured_outputs import StructuredOutputsParams
 
     llm = make_llm(checkpoint, **spec(2))
@@ -368,7 +369,7 @@ def test_grammar_rows_do_not_speculate(checkpoint):
     for rid, params in (("free", free), ("bound", bound)):
         sched.add_request(sched_mod.Request(rid, [1, 2, 3], params))
     batch = sched.schedule()
-    assert dict(zip(batch.req_ids, batch.num_propose_tokens)) == {"free": 2, "bound": 0}
+    assert dict(zip(batch.req_ids, batch.num_propose_tokens)) == {"free": 2, "bound": 2}
 
 
 def test_seeded_sampling_gives_the_same_tokens_with_drafts(checkpoint, greedy_reference):

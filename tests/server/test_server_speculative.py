@@ -1,6 +1,7 @@
 """A server started with --speculative-config: completions plain and streamed give the tokens
-the engine gives without speculation, a forced tool call (a grammar row, which does not
-speculate) still completes, and /metrics counts drafted and accepted tokens."""
+the engine gives without speculation, a forced tool call (a grammar row, verified position by
+position under its masks) completes beside them, and /metrics counts drafted and accepted
+tokens."""
 
 from __future__ import annotations
 
@@ -81,8 +82,8 @@ def test_completions_match_the_engine_without_speculation(srv):
 
 
 def test_a_forced_tool_call_runs_beside_speculating_rows(srv):
-    """A tool call under the DSML grammar (no drafts) and a plain completion (drafts) share
-    the steps: the completion still gives the engine's tokens without speculation, the call
+    """A tool call under the DSML grammar and a plain completion share the steps, both with
+    drafts: the completion still gives the engine's tokens without speculation, the call
     follows its grammar."""
     from concurrent.futures import ThreadPoolExecutor
 
